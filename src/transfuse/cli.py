@@ -1,0 +1,141 @@
+"""The `transfuse` command line: thin wrappers over the library, rendered with rich."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from transfuse.errors import TransfuseError
+
+app = typer.Typer(
+    help="transfuse: choose, combine and measure fine-tuned models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def merge(
+    recipe: Annotated[Path, typer.Argument(help="Merge recipe (YAML; MergeKit's schema is accepted).")],
+    out_dir: Annotated[Path, typer.Argument(help="Output model dir (sharded safetensors + index, config, recipe).")],
+    device: Annotated[str, typer.Option(help="Compute device: cpu, cuda or cuda:N.")] = "cpu",
+    dtype: Annotated[
+        str | None, typer.Option(help="Output dtype (float32, bfloat16, float16); default: the recipe's, else the base's.")
+    ] = None,
+    shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the math (default: torch's, = cores).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of random methods (DARE, DELLA); overrides the recipe.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; write nothing.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists (only once the new one is complete).")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Merge the models a recipe names into OUT_DIR, streaming one tensor at a time."""
+    from transfuse.api import merge as run_merge
+    from transfuse.api import parse_size, plan_merge
+
+    try:
+        if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
+            raise TransfuseError(f"--dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
+        parse_size(shard_size)
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise TransfuseError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+        if dry_run:
+            with plan_merge(recipe, dtype=dtype, seed=seed) as plan:
+                _print_plan(plan, out_dir)
+            return
+        out = Path(out_dir)
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise TransfuseError(f"{out} exists and is not empty; choose another OUT_DIR or pass --overwrite")
+        result = run_merge(
+            recipe,
+            out_dir,
+            device=device,
+            dtype=dtype,
+            shard_size=shard_size,
+            threads=threads,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress,
+        )
+    except TransfuseError as exc:
+        _fail(exc)
+        return
+    for note in result.plan_notes:
+        console.print(f"[yellow]note:[/] {note}")
+    s = result.stats
+    console.print(
+        f"[green]wrote[/] {result.out_dir}: {s.tensors} tensors, {s.output_bytes / 1e9:.3f} GB in {s.seconds:.1f} s "
+        f"({s.input_gb_per_s:.2f} GB/s of input)"
+    )
+
+
+def _print_plan(plan, out_dir: Path) -> None:
+    spec = plan.spec
+    console.print(f"[bold]method[/] {spec.name} — {spec.summary}")
+    console.print(f"[bold]base[/] {plan.base.source}")
+    table = Table("model", "per-model parameters (first tensor)", title="inputs")
+    first = next((j for j in plan.jobs if j.merge), None)
+    for i, label in enumerate(plan.labels):
+        params = {k: v[i] for k, v in first.model_params.items()} if first else {}
+        table.add_row(label, ", ".join(f"{k}={v:g}" for k, v in params.items()))
+    console.print(table)
+    if first is not None:
+        console.print("[bold]global parameters[/] " + ", ".join(f"{k}={v}" for k, v in first.global_params.items()))
+    largest = plan.largest_tensor
+    merged = sum(j.merge for j in plan.jobs)
+    console.print(
+        f"[bold]plan[/] {len(plan.jobs)} tensors ({merged} merged, {len(plan.jobs) - merged} copied from the base), "
+        f"{plan.input_bytes / 1e9:.3f} GB in, {plan.output_bytes / 1e9:.3f} GB out; largest {largest.name} "
+        f"{list(largest.shape)} ({largest.numel * 4 * (len(plan.models) + 2) / 2**20:.0f} MiB working set)"
+    )
+    for note in plan.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    console.print(f"[green]validation passed[/]; dry run: nothing written to {out_dir}")
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods with their parameters and defaults."""
+    from transfuse.methods import available_methods
+
+    table = Table("method", "parameters (default) [* = per model]", "MergeKit name", "paper", show_lines=True)
+    for spec in available_methods():
+        params = ", ".join(
+            f"{p.name}{'*' if p.per_model else ''}={p.default}" for p in spec.all_params
+        )
+        table.add_row(f"[bold]{spec.name}[/]\n{spec.summary}", params, spec.mergekit_name or "—", spec.paper)
+    console.print(table)
+
+
+@app.command()
+def example(
+    folder: Annotated[Path, typer.Argument(help="Where to write the example models and recipe.")] = Path("example"),
+) -> None:
+    """Write a small offline example: a tiny BERT base, three experts and a TIES recipe."""
+    from transfuse.example import write_example
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = write_example(folder)
+    console.print(f"[green]wrote[/] {path}; now run: transfuse merge {path} merged")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,198 @@
+"""Run a merge plan: stream each output tensor through the method with memory bounded by the largest tensor.
+
+For each job the engine reads the base tensor and the K model tensors from their memory maps, builds the float32
+task-vector stack ``[K, *shape]`` on the compute device, calls the method, casts the result to the output dtype and
+hands it to the writer.  Reading the next (small) tensor overlaps with the current computation; big tensors are
+done one at a time so peak memory stays about (K + 2) x the largest tensor in float32 plus the writer's shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from transfuse.errors import NonFiniteTensorError
+from transfuse.plan import MergePlan, TensorJob
+
+# Jobs whose float32 working set is below this are prefetched while the previous job computes.
+PREFETCH_MAX_BYTES = 256 * 2**20
+
+
+@dataclass
+class MergeStats:
+    """What a run did and how fast."""
+
+    tensors: int
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+
+    @property
+    def input_gb_per_s(self) -> float:
+        return self.input_bytes / 1e9 / max(self.seconds, 1e-9)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the recipe seed and the tensor name: stable across runs, platforms and job order."""
+    digest = hashlib.blake2b(f"{seed}\x00{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def _py_name(name: str) -> str:
+    return name + "_" if keyword.iskeyword(name) else name
+
+
+@dataclass
+class _Inputs:
+    job: TensorJob
+    base: torch.Tensor
+    deltas: torch.Tensor | None
+
+
+def _load(plan: MergePlan, job: TensorJob, device: torch.device, check_finite: bool) -> _Inputs:
+    raw_base = plan.base.tensor(job.name)
+    if not job.merge:
+        return _Inputs(job, raw_base, None)
+    base = raw_base.to(device=device, dtype=torch.float32, copy=True)
+    deltas = torch.empty((len(plan.models), *job.shape), dtype=torch.float32, device=device)
+    for i, model in enumerate(plan.models):
+        x = model.tensor(job.name)
+        if job.model_rows and x.shape[0] != job.shape[0]:
+            rows = min(x.shape[0], job.shape[0])
+            deltas[i, :rows].copy_(x[:rows])
+            deltas[i, rows:].copy_(base[rows:])  # padded rows: the base's, i.e. a zero task vector there
+        else:
+            deltas[i].copy_(x)
+        deltas[i].sub_(base)
+    if check_finite:
+        _check_finite(plan, job, base, deltas)
+    return _Inputs(job, base, deltas)
+
+
+def _check_finite(plan: MergePlan, job: TensorJob, base: torch.Tensor, deltas: torch.Tensor) -> None:
+    # One reduction detects NaN/Inf anywhere; only then find out where (a finite-sum overflow is not an error).
+    if torch.isfinite(deltas.sum()) and torch.isfinite(base.sum()):
+        return
+    if not torch.isfinite(base).all():
+        bad = int((~torch.isfinite(base)).sum())
+        raise NonFiniteTensorError(
+            f"tensor {job.name!r} of the base ({plan.base.source}) holds {bad} NaN/Inf value(s); fix or re-export it"
+        )
+    for i, label in enumerate(plan.labels):
+        if not torch.isfinite(deltas[i]).all():
+            bad = int((~torch.isfinite(deltas[i])).sum())
+            raise NonFiniteTensorError(
+                f"tensor {job.name!r} of {label} holds {bad} NaN/Inf value(s) (or differs from the base by more "
+                "than float32 can hold); this model is broken, drop it from the recipe"
+            )
+
+
+def compute(plan: MergePlan, inputs: _Inputs, device: torch.device) -> torch.Tensor:
+    """The merged tensor of one job, in its output dtype, on the CPU."""
+    job = inputs.job
+    if inputs.deltas is None:
+        return inputs.base
+    spec = plan.spec
+    kwargs: dict[str, object] = {_py_name(k): v for k, v in job.global_params.items()}
+    for name, values in job.model_params.items():
+        if name != "weight":
+            kwargs[_py_name(name)] = torch.tensor(values, dtype=torch.float32, device=device)
+    weights = torch.tensor(job.model_params["weight"], dtype=torch.float32, device=device)
+    if spec.random:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
+        kwargs["generator"] = generator
+    merged = spec.fn(inputs.base, inputs.deltas, weights, **kwargs)
+    return merged.to(dtype=job.out_dtype).to("cpu").contiguous()
+
+
+def iter_merged(
+    plan: MergePlan, *, device: str | torch.device = "cpu", check_finite: bool = True
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged tensor)`` in plan order, prefetching small jobs' inputs on a reader thread."""
+    device = torch.device(device)
+    jobs = plan.jobs
+    k = len(plan.models)
+
+    def small(job: TensorJob) -> bool:
+        return job.numel * 4 * (k + 1) <= PREFETCH_MAX_BYTES
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-read") as pool:
+        pending: Future[_Inputs] | None = None
+        for i, job in enumerate(jobs):
+            inputs = pending.result() if pending is not None else _load(plan, job, device, check_finite)
+            pending = None
+            if i + 1 < len(jobs) and small(jobs[i + 1]):
+                pending = pool.submit(_load, plan, jobs[i + 1], device, check_finite)
+            merged = compute(plan, inputs, device)
+            del inputs
+            yield job.name, merged
+        if pending is not None:
+            pending.cancel()
+
+
+def run_plan(
+    plan: MergePlan,
+    sink: Callable[[str, torch.Tensor], None],
+    *,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    progress: bool = True,
+    check_finite: bool = True,
+) -> MergeStats:
+    """Merge every job of ``plan`` and pass each result to ``sink(name, tensor)`` (e.g. a writer's ``add``)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    start = time.perf_counter()
+    done_bytes = 0
+    bar = _Progress(len(plan.jobs), plan.input_bytes) if progress else None
+    try:
+        for (name, tensor), job in zip(iter_merged(plan, device=device, check_finite=check_finite), plan.jobs):
+            sink(name, tensor)
+            done_bytes += job.input_bytes
+            if bar is not None:
+                bar.advance(done_bytes)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return MergeStats(
+        tensors=len(plan.jobs),
+        input_bytes=plan.input_bytes,
+        output_bytes=plan.output_bytes,
+        seconds=time.perf_counter() - start,
+    )
+
+
+class _Progress:
+    """A rich progress bar showing tensors/s and input GB/s."""
+
+    def __init__(self, total: int, total_bytes: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._start = time.perf_counter()
+        self._progress = Progress(
+            TextColumn("merging"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self._task = self._progress.add_task("merge", total=total, rate="")
+        self._total_bytes = total_bytes
+        self._progress.start()
+
+    def advance(self, done_bytes: int) -> None:
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        completed = self._progress.tasks[0].completed + 1
+        rate = f"{completed / elapsed:.0f} tensors/s, {done_bytes / 1e9 / elapsed:.2f} GB/s"
+        self._progress.update(self._task, advance=1, rate=rate)
+
+    def stop(self) -> None:
+        self._progress.stop()

@@ -1,0 +1,295 @@
+"""The merge recipe: MergeKit's YAML schema (the subset transfuse supports) plus a few keys of our own.
+
+Accepted top-level keys::
+
+    merge_method: ties                # any name `transfuse methods` lists
+    base_model: path/to/base          # HF dir, .safetensors/.bin/.pt file
+    models:                           # fine-tuned models: HF dirs, files, or PEFT LoRA adapter dirs
+      - model: path/to/expert_a
+        parameters: {weight: 1.0, density: 0.5}
+      - model: path/to/expert_b       # "path+path/to/lora" (MergeKit syntax) applies a LoRA to a model
+    parameters: {lambda: 1.0}         # global parameters; also the default of per-model ones
+    dtype: float32                    # dtype inputs are read in (transfuse always computes in float32)
+    out_dtype: bfloat16               # dtype of the written tensors (default: dtype, else the base's)
+    tokenizer_source: base            # copy config/tokenizer files from `base` or a model path
+    seed: 0                           # transfuse: seed of the random methods (DARE, DELLA)
+    vocab_mismatch: error             # transfuse: error | truncate | pad (embedding / LM-head rows)
+
+A parameter value is a scalar, a list of numbers interpolated across layers (a "gradient"), or a list of
+``{filter: substring, value: ...}`` entries where the first entry whose filter occurs in the tensor name wins
+(an entry without filter, or with ``"*"``, matches every tensor) — as in MergeKit.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from transfuse.errors import ParameterError, RecipeError
+from transfuse.methods.registry import MethodSpec, ParamValue, get_method
+
+TOP_LEVEL_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "seed",
+    "vocab_mismatch",
+    "name",
+}
+# MergeKit keys transfuse does not implement: named so the error says so instead of "unknown key".
+UNSUPPORTED_MERGEKIT_KEYS = {
+    "slices": "layer slicing (passthrough/frankenmerges)",
+    "modules": "per-module definitions",
+    "tokenizer": "tokenizer merging",
+    "chat_template": "chat template selection",
+}
+DTYPES = {"float32", "float16", "bfloat16", "float64"}
+VOCAB_MODES = ("error", "truncate", "pad")
+
+Setting = Any  # scalar | list of scalars | list of {filter, value}
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One input model: where it is and its own parameter settings."""
+
+    path: str
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    lora: str | None = None  # a LoRA adapter applied on top of `path` ("model+lora" syntax)
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}+{self.lora}" if self.lora else self.path
+
+
+@dataclass
+class Recipe:
+    """A validated recipe.  Build with ``Recipe.from_dict`` / ``Recipe.load``; ``to_dict`` round-trips."""
+
+    method: str
+    base_model: str | None
+    models: list[ModelEntry]
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    seed: int = 0
+    vocab_mismatch: str = "error"
+    name: str | None = None
+
+    @property
+    def spec(self) -> MethodSpec:
+        return get_method(self.method)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """Read a YAML recipe; relative model paths are taken relative to the recipe's folder."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{path} is not valid YAML: {exc}") from None
+        return cls.from_dict(data, root=path.parent)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, root: str | Path | None = None) -> Recipe:
+        if not isinstance(data, dict):
+            raise RecipeError("a recipe must be a mapping with at least `merge_method` and `models`")
+        data = copy.deepcopy(data)
+        for key in data:
+            if key in UNSUPPORTED_MERGEKIT_KEYS:
+                raise RecipeError(
+                    f"recipe key {key!r} ({UNSUPPORTED_MERGEKIT_KEYS[key]}) is a MergeKit feature transfuse "
+                    "does not support; use `models:` with `base_model:` instead"
+                )
+            if key not in TOP_LEVEL_KEYS:
+                raise RecipeError(f"unknown recipe key {key!r}; allowed keys: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+        if "merge_method" not in data:
+            raise RecipeError("the recipe has no `merge_method`; run `transfuse methods` to list them")
+        method = data["merge_method"]
+        spec = get_method(str(method))
+
+        def resolve(p: Any, what: str) -> str:
+            if not isinstance(p, str) or not p:
+                raise RecipeError(f"{what} must be a path string, got {p!r}")
+            if root is not None and not Path(p).is_absolute() and (Path(root) / p).exists():
+                return str(Path(root) / p)
+            return p
+
+        base = data.get("base_model")
+        base = resolve(base, "base_model") if base is not None else None
+
+        raw_models = data.get("models")
+        if not isinstance(raw_models, list) or not raw_models:
+            raise RecipeError("`models` must be a non-empty list of {model: PATH, parameters: {...}}")
+        models = []
+        for i, entry in enumerate(raw_models):
+            if isinstance(entry, str):
+                entry = {"model": entry}
+            if not isinstance(entry, dict) or "model" not in entry:
+                raise RecipeError(f"models[{i}] must be a mapping with a `model` key, got {entry!r}")
+            extra = set(entry) - {"model", "parameters"}
+            if extra:
+                raise RecipeError(f"unknown key(s) {sorted(extra)} in models[{i}]; allowed: model, parameters")
+            target = entry["model"]
+            if not isinstance(target, str):
+                raise RecipeError(f"models[{i}].model must be a path string, got {target!r}")
+            lora = None
+            if "+" in target and not Path(target).exists():
+                target, lora = target.split("+", 1)
+                lora = resolve(lora, f"models[{i}] LoRA")
+            params = entry.get("parameters") or {}
+            if not isinstance(params, dict):
+                raise RecipeError(f"models[{i}].parameters must be a mapping, got {params!r}")
+            models.append(ModelEntry(path=resolve(target, f"models[{i}].model"), parameters=params, lora=lora))
+
+        params = data.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RecipeError(f"`parameters` must be a mapping, got {params!r}")
+
+        def dtype_of(key: str) -> str | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if value not in DTYPES:
+                raise RecipeError(f"`{key}` must be one of {', '.join(sorted(DTYPES))}, got {value!r}")
+            return value
+
+        vocab = data.get("vocab_mismatch", "error")
+        if vocab not in VOCAB_MODES:
+            raise RecipeError(f"`vocab_mismatch` must be one of {', '.join(VOCAB_MODES)}, got {vocab!r}")
+        seed = data.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RecipeError(f"`seed` must be an integer, got {seed!r}")
+        tokenizer_source = data.get("tokenizer_source")
+        if tokenizer_source is not None and tokenizer_source != "base":
+            if not isinstance(tokenizer_source, str) or tokenizer_source in ("union",):
+                raise RecipeError("`tokenizer_source` must be `base` or a model path (tokenizer merging is unsupported)")
+            tokenizer_source = resolve(tokenizer_source, "tokenizer_source")
+
+        recipe = cls(
+            method=spec.name,
+            base_model=base,
+            models=models,
+            parameters=params,
+            dtype=dtype_of("dtype"),
+            out_dtype=dtype_of("out_dtype"),
+            tokenizer_source=tokenizer_source,
+            seed=seed,
+            vocab_mismatch=vocab,
+            name=data.get("name"),
+        )
+        recipe.validate()
+        return recipe
+
+    # ---- validation ---------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check method arity and every parameter setting's names, types and ranges (no files are read)."""
+        spec = self.spec
+        if spec.needs_base and self.base_model is None:
+            raise RecipeError(f"method {spec.name!r} needs `base_model` (the model the experts were fine-tuned from)")
+        n = len(self.task_models)
+        if n < spec.min_models:
+            raise RecipeError(f"method {spec.name!r} needs at least {spec.min_models} model(s) besides the base, got {n}")
+        if spec.max_models is not None and n > spec.max_models:
+            raise RecipeError(f"method {spec.name!r} takes at most {spec.max_models} model(s) besides the base, got {n}")
+        for name, setting in self.parameters.items():
+            _check_setting(spec, name, setting, "parameters")
+        for entry in self.models:
+            for name, setting in entry.parameters.items():
+                param = spec.param(name)
+                if not param.per_model:
+                    raise ParameterError(
+                        f"parameter {name!r} of {spec.name!r} is global: set it under the top-level `parameters`, "
+                        f"not under model {entry.label}"
+                    )
+                _check_setting(spec, name, setting, f"model {entry.label}")
+
+    @property
+    def task_models(self) -> list[ModelEntry]:
+        """The models that contribute task vectors: every listed model except the base itself."""
+        if self.base_model is None or not self.spec.needs_base:
+            return list(self.models)
+        return [m for m in self.models if not (m.path == self.base_model and m.lora is None)]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"merge_method": self.method}
+        if self.base_model is not None:
+            out["base_model"] = self.base_model
+        out["models"] = [
+            {"model": m.label, **({"parameters": m.parameters} if m.parameters else {})} for m in self.models
+        ]
+        if self.parameters:
+            out["parameters"] = self.parameters
+        for key in ("dtype", "out_dtype", "tokenizer_source", "name"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        out["seed"] = self.seed
+        if self.vocab_mismatch != "error":
+            out["vocab_mismatch"] = self.vocab_mismatch
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _check_setting(spec: MethodSpec, name: str, setting: Setting, where: str) -> None:
+    param = spec.param(name)
+    label = f"{where}: {name}"
+    if isinstance(setting, list):
+        if not setting:
+            raise ParameterError(f"{label} is an empty list")
+        if all(isinstance(e, dict) for e in setting):
+            for e in setting:
+                extra = set(e) - {"filter", "value"}
+                if extra or "value" not in e:
+                    raise ParameterError(f"{label}: each filtered entry needs `value` (and optional `filter`), got {e}")
+                if e.get("filter") is not None and not isinstance(e["filter"], str):
+                    raise ParameterError(f"{label}: `filter` must be a string, got {e['filter']!r}")
+                _check_setting(spec, name, e["value"], where)
+            return
+        if any(isinstance(e, (dict, list)) for e in setting):
+            raise ParameterError(f"{label}: a list must be all numbers (a layer gradient) or all {{filter, value}}")
+        for e in setting:
+            param.validate(e, label)
+        return
+    if isinstance(setting, dict):
+        _check_setting(spec, name, [setting], where)
+        return
+    param.validate(setting, label)
+
+
+def evaluate_setting(setting: Setting, tensor_name: str, t: float) -> ParamValue | None:
+    """Resolve a setting for one tensor: filters by substring, gradients interpolated at layer position ``t``.
+
+    Returns ``None`` when a filter list has no entry for this tensor (the caller falls back to the next scope).
+    Interpolation follows MergeKit: ``x = t·(n−1)``, linear between the two neighbouring list values.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if all(isinstance(e, dict) for e in setting):
+        for e in setting:
+            f = e.get("filter")
+            if f is None or f == "*" or f in tensor_name:
+                return evaluate_setting(e["value"], tensor_name, t)
+        return None
+    if not all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting):
+        return setting[int(t * (len(setting) - 1))]
+    scaled = t * (len(setting) - 1)
+    i0 = int(scaled)
+    i1 = min(len(setting) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * setting[i0] + frac * setting[i1]

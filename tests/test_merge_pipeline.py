@@ -1,0 +1,240 @@
+"""The whole merge path: validation errors before work, atomic output, determinism, CLI, in-memory API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import transfuse
+from transfuse.cli import app
+from transfuse.errors import (
+    DtypeMismatchError,
+    MissingTensorError,
+    NonFiniteTensorError,
+    NotSameBaseError,
+    ShapeMismatchError,
+    VocabSizeMismatchError,
+)
+
+REQUIRED_METHODS = {
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+    "della_linear", "magmax", "model_stock", "slerp", "consensus", "pcb", "tsv", "iso_c", "iso_cts",
+}  # fmt: skip
+
+
+def state(seed: int, vocab: int = 10) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed_tokens.weight": torch.randn(vocab, 4, generator=g),
+        "layers.0.w": torch.randn(4, 4, generator=g),
+        "layers.1.w": torch.randn(4, 4, generator=g),
+        "norm.weight": torch.randn(4, generator=g),
+        "position_ids": torch.arange(6),
+    }
+
+
+@pytest.fixture
+def files(tmp_path):
+    base = state(0)
+    paths = {"base": tmp_path / "base.safetensors"}
+    save_file(base, paths["base"])
+    for i in range(2):
+        ft = {k: (v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v) for k, v in base.items()}
+        paths[f"m{i}"] = tmp_path / f"m{i}.safetensors"
+        save_file(ft, paths[f"m{i}"])
+    return paths
+
+
+def write_recipe(tmp_path, files, method="task_arithmetic", models=("m0", "m1"), **extra):
+    recipe = {
+        "merge_method": method,
+        "base_model": str(files["base"]),
+        "models": [{"model": str(files[m]), "parameters": {"weight": 0.5}} for m in models],
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_task_arithmetic_file_merge_matches_hand_computation(files, tmp_path):
+    out = tmp_path / "out"
+    transfuse.merge(write_recipe(tmp_path, files, parameters={"lambda": 2.0}), out, progress=False)
+    got = load_file(out / "model.safetensors")
+    b, m0, m1 = (load_file(files[k]) for k in ("base", "m0", "m1"))
+    for name in b:
+        if b[name].is_floating_point():
+            expected = b[name] + 2.0 * (0.5 * (m0[name] - b[name]) + 0.5 * (m1[name] - b[name]))
+            torch.testing.assert_close(got[name], expected, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(got[name], b[name])  # integer buffers are copied from the base
+    assert "ties" not in (out / "recipe.yaml").read_text()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["transfuse_version"] == transfuse.__version__ and "task_arithmetic" in meta["recipe"]
+
+
+def test_merge_state_dicts_in_memory():
+    base, a, b = state(0), state(1), state(2)
+    got = transfuse.merge_state_dicts(base, [a, b], "task_arithmetic", weight=[1.0, -0.5], **{"lambda": 0.5})
+    name = "layers.0.w"
+    expected = base[name] + 0.5 * ((a[name] - base[name]) - 0.5 * (b[name] - base[name]))
+    torch.testing.assert_close(got[name], expected, rtol=0, atol=1e-6)
+    avg = transfuse.merge_state_dicts(None, [a, b], "linear")
+    torch.testing.assert_close(avg[name], (a[name] + b[name]) / 2, rtol=0, atol=1e-6)
+
+
+def test_every_required_method_is_registered_and_runs():
+    from transfuse.methods import available_methods
+
+    names = {m.name for m in available_methods()}
+    assert REQUIRED_METHODS <= names
+    base, a, b = state(0), state(1), state(2)
+    for method in sorted(names):
+        models = [a] if method == "slerp" else [a, b]
+        params = {"t": 0.5} if method == "slerp" else {}  # slerp's t has no default (as in MergeKit)
+        got = transfuse.merge_state_dicts(base, models, method, **params)
+        assert all(torch.isfinite(v.float()).all() for v in got.values()), method
+        assert got["layers.0.w"].shape == (4, 4)
+
+
+def test_multiple_shards_and_index(files, tmp_path):
+    out = tmp_path / "out"
+    transfuse.merge(write_recipe(tmp_path, files), out, shard_size=200, progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).exists() for s in shards)
+    assert set(index["weight_map"]) == set(state(0))
+
+
+def test_same_seed_is_bit_identical_and_seed_matters(files, tmp_path):
+    recipe = write_recipe(tmp_path, files, method="dare_ties", parameters={"density": 0.5})
+    outs = []
+    for i, seed in enumerate((7, 7, 8)):
+        out = tmp_path / f"o{i}"
+        transfuse.merge(recipe, out, seed=seed, progress=False)
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    assert outs[0] != outs[2]
+
+
+def test_failure_mid_merge_leaves_nothing(files, tmp_path, monkeypatch):
+    import transfuse.engine as engine
+
+    calls = {"n": 0}
+    real = engine.compute
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "compute", failing)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="injected"):
+        transfuse.merge(write_recipe(tmp_path, files), out, shard_size=100, progress=False)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_nan_input_is_named_and_nothing_written(files, tmp_path):
+    bad = load_file(files["m1"])
+    bad["layers.1.w"][0, 0] = float("nan")
+    save_file(bad, files["m1"])
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteTensorError, match=r"layers\.1\.w.*m1\.safetensors"):
+        transfuse.merge(write_recipe(tmp_path, files), out, progress=False)
+    assert not out.exists()
+
+
+def _save_variant(files, key, tensors):
+    save_file(tensors, files[key])
+
+
+def test_missing_tensor(files, tmp_path):
+    sd = load_file(files["m0"])
+    del sd["norm.weight"]
+    _save_variant(files, "m0", sd)
+    with pytest.raises(MissingTensorError, match="norm.weight"):
+        transfuse.merge(write_recipe(tmp_path, files), tmp_path / "o", progress=False)
+
+
+def test_not_same_base(files, tmp_path):
+    _save_variant(files, "m0", {"other.a": torch.zeros(2), "other.b": torch.zeros(2)})
+    with pytest.raises(NotSameBaseError, match="not a fine-tune"):
+        transfuse.merge(write_recipe(tmp_path, files), tmp_path / "o", progress=False)
+
+
+def test_shape_and_dtype_mismatch(files, tmp_path):
+    sd = load_file(files["m0"])
+    sd["layers.0.w"] = torch.zeros(4, 5)
+    _save_variant(files, "m0", sd)
+    with pytest.raises(ShapeMismatchError, match="layers.0.w"):
+        transfuse.merge(write_recipe(tmp_path, files), tmp_path / "o", progress=False)
+    sd["layers.0.w"] = torch.zeros(4, 4, dtype=torch.int64)
+    _save_variant(files, "m0", sd)
+    with pytest.raises(DtypeMismatchError, match="layers.0.w"):
+        transfuse.merge(write_recipe(tmp_path, files), tmp_path / "o", progress=False)
+
+
+def test_vocab_mismatch_error_truncate_pad(files, tmp_path):
+    base = load_file(files["base"])
+    bigger = load_file(files["m0"])
+    bigger["embed_tokens.weight"] = torch.cat([bigger["embed_tokens.weight"], torch.ones(3, 4)])
+    _save_variant(files, "m0", bigger)
+    with pytest.raises(VocabSizeMismatchError, match="vocab_mismatch: truncate"):
+        transfuse.merge(write_recipe(tmp_path, files), tmp_path / "o", progress=False)
+    with pytest.raises(VocabSizeMismatchError, match="use `vocab_mismatch: truncate`"):
+        transfuse.merge(write_recipe(tmp_path, files, vocab_mismatch="pad"), tmp_path / "o", progress=False)
+    transfuse.merge(write_recipe(tmp_path, files, vocab_mismatch="truncate"), tmp_path / "t", progress=False)
+    m1 = load_file(files["m1"])
+    got = load_file(tmp_path / "t" / "model.safetensors")["embed_tokens.weight"]
+    e = "embed_tokens.weight"
+    expected = base[e] + 0.5 * (bigger[e][:10] - base[e]) + 0.5 * (m1[e] - base[e])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+    smaller = load_file(files["m0"])
+    smaller[e] = smaller[e][:7]
+    _save_variant(files, "m0", smaller)
+    transfuse.merge(write_recipe(tmp_path, files, vocab_mismatch="pad"), tmp_path / "p", progress=False)
+    got = load_file(tmp_path / "p" / "model.safetensors")[e]
+    padded = torch.cat([smaller[e], base[e][7:]])  # missing rows: the base's, i.e. zero task vector
+    torch.testing.assert_close(got, base[e] + 0.5 * (padded - base[e]) + 0.5 * (m1[e] - base[e]), rtol=0, atol=1e-6)
+
+
+def test_cli_example_dry_run_merge_and_methods(tmp_path):
+    from transformers import AutoModel
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["example", str(tmp_path / "ex")])
+    assert result.exit_code == 0, result.output
+    recipe = tmp_path / "ex" / "recipe.yaml"
+    result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "validation passed" in result.output and not (tmp_path / "out").exists()
+    result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    model = AutoModel.from_pretrained(tmp_path / "out")
+    base = AutoModel.from_pretrained(tmp_path / "ex" / "base")
+    assert model.config.hidden_size == base.config.hidden_size
+    assert (tmp_path / "out" / "recipe.yaml").exists()
+    # A second run into the same dir is refused unless --overwrite.
+    result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--no-progress"])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0 and "iso_cts" in result.output
+
+
+def test_cli_bad_recipe_is_a_clean_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("merge_method: ties\nmodels: [a]\nbase_model: b\nfoo: 1\n")
+    result = CliRunner().invoke(app, ["merge", str(path), str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "RecipeError" in result.output and "foo" in result.output
