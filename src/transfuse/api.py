@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,9 +87,26 @@ def merge(
             stats = run_plan(plan, writer.add, device=device, threads=threads, progress=progress)
             if plan.config_source is not None:
                 writer.copy_config_from(plan.config_source)
+                config = _config_with_dtype(plan)
+                if config is not None:
+                    writer.add_file("config.json", config)
             writer.add_file("recipe.yaml", f"# written by transfuse {__version__}\n{recipe_yaml}")
             path = writer.finish()
         return MergeResult(out_dir=Path(path), stats=stats, plan_notes=list(plan.notes))
+
+
+def _config_with_dtype(plan: MergePlan) -> str | None:
+    """The source config.json with its dtype set to the output's, so loaders pick the right default dtype."""
+    path = plan.config_source / "config.json" if plan.config_source else None
+    dtypes = {j.out_dtype for j in plan.jobs if j.merge}
+    if path is None or not path.is_file() or len(dtypes) != 1:
+        return None
+    config = json.loads(path.read_text())
+    name = str(dtypes.pop()).removeprefix("torch.")
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = name
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 def merge_state_dicts(

@@ -53,3 +53,7 @@ class LoraAdapterError(CheckpointError):
 
 class OutputExistsError(TransfuseError):
     """The output directory exists and is not empty."""
+
+
+class WriteError(TransfuseError):
+    """The output cannot be written (I/O error such as a full disk, an invalid name, or writer misuse)."""

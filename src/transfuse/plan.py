@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from transfuse.errors import (
+    CheckpointError,
     DtypeMismatchError,
     MissingTensorError,
     NotSameBaseError,
@@ -216,7 +217,13 @@ def _plan_tensors(
     if recipe.tokenizer_source in (None, "base"):
         config_source = base.config_dir
     else:
-        config_source = open_checkpoint(recipe.tokenizer_source).config_dir
+        source = Path(recipe.tokenizer_source)
+        config_source = source if source.is_dir() else source.parent
+        if not (config_source / "config.json").exists() and not any(config_source.glob("tokenizer*")):
+            raise CheckpointError(
+                f"tokenizer_source {recipe.tokenizer_source} holds no config.json or tokenizer files; "
+                "name a model dir or `base`"
+            )
     for label, extra in ignored.items():
         notes.append(f"{label}: {len(extra)} tensor(s) absent from the base are not merged, e.g. {extra[:3]}")
     return MergePlan(

@@ -1,0 +1,122 @@
+"""Reader of ``torch.save`` files (``pytorch_model.bin``, its shards, ``.pt`` state dicts).
+
+Files are loaded with ``torch.load(weights_only=True, mmap=True)``: only tensors and plain containers are ever
+unpickled, and tensor data stays in the memory-mapped file until used.  (Files in the pre-1.6 legacy format
+cannot be memory-mapped and are read into memory instead.)
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from transfuse.errors import CheckpointError
+from transfuse.io.checkpoint import CheckpointBase, TensorInfo, lfs_pointer_hint
+
+# Training scripts often save {"state_dict": {...}, "epoch": ...} or {"model": {...}, "optimizer": ...}.
+_WRAPPER_KEYS = ("state_dict", "model")
+
+
+def load_state_dict(file: Path, source: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one ``torch.save`` file, unwrapped and with non-tensor entries dropped."""
+    where = f"{file}" if source is None or source == str(file) else f"{file} (from {source})"
+    try:
+        # The legacy (non-zip) format cannot be memory-mapped.
+        mmap = zipfile.is_zipfile(file)
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        reason = lfs_pointer_hint(file) or _refusal_reason(str(exc))
+        raise CheckpointError(
+            f"cannot read {where}: torch.load(weights_only=True) refused it{reason}. Expected a torch.save'd "
+            "state dict of tensors; transfuse never unpickles arbitrary objects. If you trust the file, load "
+            "it yourself and re-save its state dict (or convert it to safetensors)"
+        ) from exc
+    except Exception as exc:  # RuntimeError (corrupt zip), OSError, EOFError, ...
+        raise CheckpointError(
+            f"cannot read {where}{lfs_pointer_hint(file)}: {_first_line(str(exc))}; "
+            "expected a complete torch.save file of a state dict "
+            "- re-download or re-export it"
+        ) from exc
+
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, Mapping):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(
+            f"{where} holds a {type(obj).__name__}, expected a state dict (a dict of tensor name -> tensor)"
+        )
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    return tensors
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "unknown error"
+
+
+def _refusal_reason(message: str) -> str:
+    # torch's message is long advice about weights_only=False; keep only what names the culprit.
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if found:
+        return f" (it holds a pickled {found[1]} object, which is not a tensor)"
+    found = re.search(r"WeightsUnpickler error: ([^\n]+?)(?:\. Please|\n|$)", message)
+    if found:
+        return f" ({found[1].strip()})"
+    return " (it holds objects other than tensors, or it is not a PyTorch file)"
+
+
+class TorchCheckpoint(CheckpointBase):
+    """Tensors of one or more ``torch.save`` files (the shards of a model dir, in file order)."""
+
+    def __init__(self, files: list[Path], *, source: str, config_dir: Path | None) -> None:
+        self.source = source
+        self.config_dir = config_dir
+        self.files = list(files)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._closed = False
+        owner: dict[str, Path] = {}
+        for file in self.files:
+            for name, value in load_state_dict(file, source).items():
+                if name in owner:
+                    raise CheckpointError(
+                        f"{source}: tensor {name!r} is stored twice, in {owner[name].name} and {file.name}; "
+                        "the shards are inconsistent"
+                    )
+                owner[name] = file
+                self._tensors[name] = value
+        if not self._tensors:
+            raise CheckpointError(
+                f"{source} holds no tensors: expected a state dict (name -> tensor), optionally under a "
+                f"top-level {' or '.join(repr(k) for k in _WRAPPER_KEYS)} key"
+            )
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        t = self._get(name)
+        return TensorInfo(name=name, shape=tuple(t.shape), dtype=t.dtype)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._get(name)
+
+    def _get(self, name: str) -> Any:
+        if self._closed:
+            raise CheckpointError(f"{self.source} was closed; open it again to read from it")
+        t = self._tensors.get(name)
+        if t is None:
+            raise self._missing(name)
+        return t
+
+    def close(self) -> None:
+        # The mmap is released when the last tensor viewing it is garbage collected.
+        self._tensors = {}
+        self._closed = True

@@ -1,0 +1,434 @@
+"""Atomic, sharded safetensors output.
+
+``ShardedWriter`` buffers tensors into shards of at most ``max_shard_bytes`` and writes each full shard with
+``safetensors.torch.save_file`` (on one background thread, so writing overlaps with merging).  Everything goes
+into a hidden temp dir beside the target, ``<parent>/.<name>.tmp-<pid>-<random>``; ``finish()`` fsyncs it and
+renames it onto ``out_dir`` in one step, so a crash never leaves a half-written model at ``out_dir``, and a
+failure (or ``abort()``) removes the temp dir.
+
+Use it as a context manager::
+
+    with ShardedWriter(out_dir, metadata={...}) as writer:
+        for name, tensor in merged:
+            writer.add(name, tensor)
+        writer.copy_config_from(base_dir)
+        writer.finish()
+
+Leaving the ``with`` block without calling ``finish()`` aborts (the output is discarded; a warning is issued
+when that happens without an exception).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import struct
+import warnings
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+
+import torch
+from safetensors.torch import save_file
+
+from transfuse.errors import CheckpointError, OutputExistsError, WriteError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Non-weight files of a Hugging Face model dir that a merged model needs (config, generation config,
+# tokenizer,
+# chat template, processor).  Weights, shard indexes and adapter files are never copied.
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+CONFIG_GLOBS = ("tokenizer*.json", "tokenizer*.model", "*.tiktoken", "*.jinja")
+CONFIG_DIRS = ("additional_chat_templates",)
+
+
+def config_files(directory: str | Path) -> list[Path]:
+    """The config / tokenizer files and dirs of ``directory`` worth copying into a merged model, sorted."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = {d / name for name in CONFIG_FILES if (d / name).is_file()}
+    for pattern in CONFIG_GLOBS:
+        found.update(p for p in d.glob(pattern) if p.is_file())
+    found.update(d / name for name in CONFIG_DIRS if (d / name).is_dir())
+    return sorted(found)
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    # Directory fsync makes renames/creations durable; not every platform/filesystem allows it, hence the
+    # guard.
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _canonicalize_header(path: Path) -> None:
+    """Rewrite a safetensors header in a canonical order, in place, so equal inputs give identical bytes.
+
+    safetensors serialises ``__metadata__`` from a hash map: its key order (hence the file's bytes) varies
+    from call to call.  The canonical header (metadata sorted by key, tensors by data offset) has the same
+    entries and, with the same compact JSON encoding, the same length; it is written only when it fits the
+    original header (padding with spaces, as safetensors itself does), so the data offsets never move.
+    """
+    with open(path, "r+b") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        raw = fh.read(size)
+        header = json.loads(raw)
+        canonical: dict[str, object] = {}
+        if "__metadata__" in header:
+            canonical["__metadata__"] = dict(sorted(header.pop("__metadata__").items()))
+        canonical.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"], kv[0])))
+        text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:
+            fh.seek(8)
+            fh.write(text + b" " * (size - len(text)))
+
+
+def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    save_file(tensors, str(path), metadata=metadata)
+    _canonicalize_header(path)
+    _fsync_path(path)
+
+
+class ShardedWriter:
+    """Writes a model dir of safetensors shards atomically (see the module docstring).
+
+    ``max_shard_bytes`` bounds each shard's tensor data (a single larger tensor gets a shard of its own);
+    ``metadata`` (str -> str) goes into every shard's header, plus ``{"format": "pt"}``.  An existing
+    non-empty ``out_dir`` raises ``OutputExistsError`` here, unless ``overwrite=True``: then it is replaced
+    only once the new output is complete.  With ``background=True`` full shards are written by one background
+    thread, at most one shard in flight, so memory stays about two shards.  Tensors handed to ``add`` must not
+    be modified afterwards.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        max_shard_bytes: int = 5 * 2**30,
+        metadata: dict[str, str] | None = None,
+        overwrite: bool = False,
+        background: bool = True,
+    ) -> None:
+        # abspath, not resolve: a symlink at out_dir is refused (_check_target), never followed and replaced.
+        self.out_dir = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
+        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+            raise WriteError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+        meta = dict(metadata or {})
+        for key, value in meta.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                raise WriteError(
+                    f"safetensors metadata must map str to str; got {key!r}: {type(value).__name__}"
+                )
+        meta["format"] = "pt"  # transformers checks this key when loading
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = meta
+        self.overwrite = overwrite
+        self.background = background
+        self._check_target()
+
+        parent = self.out_dir.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            self.tmp_dir = parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            self.tmp_dir.mkdir()
+        except OSError as exc:
+            raise WriteError(f"cannot create the output's temp dir in {parent}: {exc}") from exc
+        # Safety net: a writer dropped without finish()/abort() (e.g. no `with`) still removes its temp dir.
+        self._finalizer = weakref.finalize(self, _remove_tree, self.tmp_dir)
+
+        self._state = "open"  # -> "finished" | "aborted"
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._buffer_storages: set[int] = set()
+        self._shards: list[tuple[str, list[str]]] = []  # (temp file name, tensor names)
+        self._names: set[str] = set()
+        self._total_size = 0
+        self._added_files: set[str] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Buffer ``tensor`` (written contiguous, in its dtype); a full shard is written out first."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise WriteError(f"tensor names must be non-empty strings, got {name!r}")
+        if name in self._names:
+            raise WriteError(f"tensor {name!r} was added twice to the output {self.out_dir}")
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.is_meta:
+            raise WriteError(
+                f"tensor {name!r} must be a dense torch.Tensor with data, got {type(tensor).__name__}"
+            )
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size()
+        if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        # save_file refuses two names sharing memory (tied weights, the same tensor added twice): copy
+        # instead.
+        ptr = t.untyped_storage().data_ptr() if nbytes else 0
+        if ptr and ptr in self._buffer_storages:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        if ptr:
+            self._buffer_storages.add(ptr)
+        self._buffer[name] = t
+        self._buffer_bytes += nbytes
+        self._names.add(name)
+        self._total_size += nbytes
+
+    def add_file(self, name: str, content: str | bytes) -> None:
+        """Write a non-weight file (e.g. ``recipe.yaml``) into the output; wins over ``copy_config_from``."""
+        self._check_open()
+        rel = self._safe_relative(name)
+        data = content.encode("utf-8") if isinstance(content, str) else bytes(content)
+        path = self.tmp_dir / rel
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise WriteError(f"cannot write {name} into the output's temp dir {self.tmp_dir}: {exc}") from exc
+        self._added_files.add(rel.as_posix())
+
+    def copy_config_from(self, src_dir: str | Path) -> None:
+        """Copy config, generation config, tokenizer and chat-template files (never weights) from ``src_dir``.
+
+        Files already written with ``add_file`` are kept.  Copying from two dirs: the later one wins.
+        """
+        self._check_open()
+        src = Path(src_dir)
+        if not src.is_dir():
+            raise CheckpointError(f"cannot copy config files from {src_dir}: it is not a dir")
+        for path in config_files(src):
+            if path.name in self._added_files:
+                continue
+            dest = self.tmp_dir / path.name
+            try:
+                if path.is_dir():
+                    if dest.exists():
+                        shutil.rmtree(dest)
+                    shutil.copytree(path, dest)
+                    for file in dest.rglob("*"):
+                        if file.is_file():
+                            _fsync_path(file)
+                else:
+                    shutil.copyfile(path, dest)
+                    _fsync_path(dest)
+            except OSError as exc:
+                raise WriteError(
+                    f"cannot copy {path} into the output's temp dir {self.tmp_dir}: {exc}"
+                ) from exc
+
+    def finish(self) -> Path:
+        """Write the remaining shard and the index, fsync, and move the result onto ``out_dir``; return it.
+
+        One shard is named ``model.safetensors`` (no index); N > 1 are ``model-0000i-of-0000N.safetensors``
+        with ``model.safetensors.index.json`` (``metadata.total_size`` = bytes of tensor data).  On any
+        failure the temp dir is removed and ``out_dir`` is left as it was.
+        """
+        self._check_open()
+        try:
+            if self._buffer:
+                self._flush()
+            self._wait()
+            self._shutdown_executor()
+            if not self._names:
+                raise WriteError(f"no tensors were added; nothing to write to {self.out_dir}")
+            self._name_shards()
+            _fsync_path(self.tmp_dir, directory=True)
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "finished"
+        self._finalizer.detach()
+        return self.out_dir
+
+    def abort(self) -> None:
+        """Discard everything written so far (waits for an in-flight shard, then removes the temp dir)."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        self._buffer = {}
+        self._buffer_storages = set()
+        if self._pending is not None:
+            # A running write cannot be interrupted; wait so it does not recreate files after the removal.
+            try:
+                self._pending.result()
+            except BaseException:
+                pass
+            self._pending = None
+        self._shutdown_executor()
+        _remove_tree(self.tmp_dir)
+        self._finalizer.detach()
+
+    @property
+    def total_size(self) -> int:
+        """Bytes of tensor data added so far."""
+        return self._total_size
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._state == "open":
+            self.abort()
+            if exc_type is None:
+                warnings.warn(
+                    f"ShardedWriter for {self.out_dir} left without finish(): the output was discarded",
+                    stacklevel=2,
+                )
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise WriteError(f"the writer for {self.out_dir} is already {self._state}")
+
+    def _check_target(self) -> None:
+        target = self.out_dir
+        if target.is_symlink() or (target.exists() and not target.is_dir()):
+            raise OutputExistsError(
+                f"output path {target} exists and is not a dir; choose another output path or remove it"
+            )
+        if target.is_dir() and any(target.iterdir()) and not self.overwrite:
+            raise OutputExistsError(
+                f"output dir {target} exists and is not empty; choose another path, remove it, or pass "
+                "overwrite=True (--overwrite) to replace it once the new model is complete"
+            )
+
+    def _safe_relative(self, name: str) -> PurePosixPath:
+        rel = PurePosixPath(name.replace("\\", "/"))
+        if not name or rel.is_absolute() or ".." in rel.parts or rel.as_posix() in ("", "."):
+            raise WriteError(
+                f"invalid output file name {name!r}: expected a relative path inside the output dir"
+            )
+        if rel.name.endswith(".safetensors") or rel.name == INDEX_FILE:
+            raise WriteError(f"{name!r} is reserved for the model weights the writer produces")
+        return rel
+
+    def _flush(self) -> None:
+        """Hand the buffered shard to the writer thread (or write it now) and start a new buffer."""
+        tensors = self._buffer
+        self._buffer = {}
+        self._buffer_bytes = 0
+        self._buffer_storages = set()
+        file = f"shard-{len(self._shards):05d}.safetensors"
+        self._shards.append((file, list(tensors)))
+        path = self.tmp_dir / file
+        if not self.background:
+            self._run_write(path, tensors)
+            return
+        self._wait()  # at most one shard in flight: memory stays ~2 shards
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-write")
+        self._pending = self._executor.submit(_write_shard, path, tensors, self.metadata)
+
+    def _run_write(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            _write_shard(path, tensors, self.metadata)
+        except Exception as exc:
+            self.abort()
+            raise WriteError(f"cannot write shard {path}: {exc}") from exc
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except Exception as exc:
+            self.abort()
+            raise WriteError(f"cannot write a shard into {self.tmp_dir}: {exc}") from exc
+
+    def _shutdown_executor(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _name_shards(self) -> None:
+        count = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, (temp_name, names) in enumerate(self._shards):
+            final = SINGLE_FILE if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            os.replace(self.tmp_dir / temp_name, self.tmp_dir / final)
+            weight_map.update(dict.fromkeys(names, final))
+        if count > 1:
+            index = {"metadata": {"total_size": self._total_size}, "weight_map": weight_map}
+            path = self.tmp_dir / INDEX_FILE
+            with open(path, "w", encoding="utf-8") as fh:
+                # sort_keys matches transformers' own index files.
+                fh.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def _move_into_place(self) -> None:
+        target = self.out_dir
+        self._check_target()  # again: something may have appeared there while we merged
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # rename() onto an empty dir is not portable; the window is harmless
+        if not target.exists():
+            try:
+                os.rename(self.tmp_dir, target)
+            except OSError as exc:
+                raise WriteError(f"cannot move the finished output into place at {target}: {exc}") from exc
+        else:
+            # overwrite=True and a non-empty dir is there: swap, keeping the old until the new is in place.
+            old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.rename(target, old)
+            except OSError as exc:
+                raise WriteError(f"cannot move the existing {target} aside to replace it: {exc}") from exc
+            try:
+                os.rename(self.tmp_dir, target)
+            except OSError as exc:
+                os.rename(old, target)
+                raise WriteError(f"cannot move the finished output into place at {target}: {exc}") from exc
+            _remove_tree(old)
+        _fsync_path(target.parent, directory=True)
