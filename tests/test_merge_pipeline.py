@@ -206,7 +206,9 @@ def test_vocab_mismatch_error_truncate_pad(files, tmp_path):
     transfuse.merge(write_recipe(tmp_path, files, vocab_mismatch="pad"), tmp_path / "p", progress=False)
     got = load_file(tmp_path / "p" / "model.safetensors")[e]
     padded = torch.cat([smaller[e], base[e][7:]])  # missing rows: the base's, i.e. zero task vector
-    torch.testing.assert_close(got, base[e] + 0.5 * (padded - base[e]) + 0.5 * (m1[e] - base[e]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        got, base[e] + 0.5 * (padded - base[e]) + 0.5 * (m1[e] - base[e]), rtol=0, atol=1e-6
+    )
 
 
 def test_cli_example_dry_run_merge_and_methods(tmp_path):

@@ -41,7 +41,9 @@ def llama_models(tmp_path_factory):
         state = {k: v + 0.02 * torch.randn(v.shape, generator=g) for k, v in base.state_dict().items()}
         # Some entries move a lot, and some sign conflicts between models, so TIES has work to do.
         for v in state.values():
-            v.add_((torch.rand(v.shape, generator=g) < 0.1) * torch.randn(v.shape, generator=g) * (i + 1) * 0.05)
+            v.add_(
+                (torch.rand(v.shape, generator=g) < 0.1) * torch.randn(v.shape, generator=g) * (i + 1) * 0.05
+            )
         model.load_state_dict(state)
         model.save_pretrained(root / f"ft{i}")
     return root
@@ -77,7 +79,10 @@ def _models(params_list):
 
 
 CASES = {
-    "linear": {"merge_method": "linear", "models": _models([{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}])},
+    "linear": {
+        "merge_method": "linear",
+        "models": _models([{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}]),
+    },
     "linear_unnormalized": {
         "merge_method": "linear",
         "models": _models([{"weight": 0.7}, {"weight": 0.6}]),
@@ -115,7 +120,9 @@ CASES = {
     "breadcrumbs_ties": {
         "merge_method": "breadcrumbs_ties",
         "base_model": "base",
-        "models": _models([{"weight": 0.6, "density": 0.7}, {"weight": 0.4, "density": 0.6}, {"weight": 0.3}]),
+        "models": _models(
+            [{"weight": 0.6, "density": 0.7}, {"weight": 0.4, "density": 0.6}, {"weight": 0.3}]
+        ),
         "parameters": {"gamma": 0.02, "density": 0.5},
     },
     "model_stock": {"merge_method": "model_stock", "base_model": "base", "models": _models([{}, {}, {}])},

@@ -72,7 +72,9 @@ def test_method_arity_checked():
     with pytest.raises(RecipeError, match="needs `base_model`"):
         Recipe.from_dict({"merge_method": "ties", "models": [{"model": "a"}]})
     with pytest.raises(RecipeError, match="at most 1"):
-        Recipe.from_dict({"merge_method": "slerp", "base_model": "b", "models": ["x", "y"], "parameters": {"t": 0.5}})
+        Recipe.from_dict(
+            {"merge_method": "slerp", "base_model": "b", "models": ["x", "y"], "parameters": {"t": 0.5}}
+        )
 
 
 def test_lora_plus_syntax():

@@ -82,8 +82,15 @@ def merge(
     max_shard = parse_size(shard_size)
     with plan_merge(recipe, dtype=dtype, seed=seed) as plan:
         recipe_yaml = plan.recipe.to_yaml()
-        metadata = {"transfuse_version": __version__, "merge_method": plan.recipe.method, "recipe": recipe_yaml}
-        with ShardedWriter(out_dir, max_shard_bytes=max_shard, metadata=metadata, overwrite=overwrite) as writer:
+        metadata = {
+            "transfuse_version": __version__,
+            "merge_method": plan.recipe.method,
+            "recipe": recipe_yaml,
+        }
+        with ShardedWriter(
+            out_dir, max_shard_bytes=max_shard, metadata=metadata, overwrite=overwrite
+        ) as writer:
+            writer.expect([(job.name, job.shape, job.out_dtype) for job in plan.jobs])
             stats = run_plan(plan, writer.add, device=device, threads=threads, progress=progress)
             if plan.config_source is not None:
                 writer.copy_config_from(plan.config_source)

@@ -30,17 +30,29 @@ def _fail(exc: Exception) -> None:
 @app.command()
 def merge(
     recipe: Annotated[Path, typer.Argument(help="Merge recipe (YAML; MergeKit's schema is accepted).")],
-    out_dir: Annotated[Path, typer.Argument(help="Output model dir (sharded safetensors + index, config, recipe).")],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Output model dir (sharded safetensors + index, config, recipe).")
+    ],
     device: Annotated[str, typer.Option(help="Compute device: cpu, cuda or cuda:N.")] = "cpu",
     dtype: Annotated[
-        str | None, typer.Option(help="Output dtype (float32, bfloat16, float16); default: the recipe's, else the base's.")
+        str | None,
+        typer.Option(
+            help="Output dtype (float32, bfloat16, float16); default: the recipe's, else the base's."
+        ),
     ] = None,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for the math (default: torch's, = cores).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed of random methods (DARE, DELLA); overrides the recipe.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and print the plan; write nothing.")] = False,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for the math (default: torch's, = cores).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of random methods (DARE, DELLA); overrides the recipe.")
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and print the plan; write nothing.")
+    ] = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists (only once the new one is complete).")
+        bool,
+        typer.Option("--overwrite", help="Replace OUT_DIR if it exists (only once the new one is complete)."),
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
@@ -98,7 +110,9 @@ def _print_plan(plan, out_dir: Path) -> None:
         table.add_row(label, ", ".join(f"{k}={v:g}" for k, v in params.items()))
     console.print(table)
     if first is not None:
-        console.print("[bold]global parameters[/] " + ", ".join(f"{k}={v}" for k, v in first.global_params.items()))
+        console.print(
+            "[bold]global parameters[/] " + ", ".join(f"{k}={v}" for k, v in first.global_params.items())
+        )
     largest = plan.largest_tensor
     merged = sum(j.merge for j in plan.jobs)
     console.print(
@@ -118,16 +132,16 @@ def methods() -> None:
 
     table = Table("method", "parameters (default) [* = per model]", "MergeKit name", "paper", show_lines=True)
     for spec in available_methods():
-        params = ", ".join(
-            f"{p.name}{'*' if p.per_model else ''}={p.default}" for p in spec.all_params
-        )
+        params = ", ".join(f"{p.name}{'*' if p.per_model else ''}={p.default}" for p in spec.all_params)
         table.add_row(f"[bold]{spec.name}[/]\n{spec.summary}", params, spec.mergekit_name or "—", spec.paper)
     console.print(table)
 
 
 @app.command()
 def example(
-    folder: Annotated[Path, typer.Argument(help="Where to write the example models and recipe.")] = Path("example"),
+    folder: Annotated[Path, typer.Argument(help="Where to write the example models and recipe.")] = Path(
+        "example"
+    ),
 ) -> None:
     """Write a small offline example: a tiny BERT base, three experts and a TIES recipe."""
     from transfuse.example import write_example

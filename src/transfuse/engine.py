@@ -67,12 +67,23 @@ def _load(plan: MergePlan, job: TensorJob, device: torch.device, check_finite: b
             rows = min(x.shape[0], job.shape[0])
             deltas[i, :rows].copy_(x[:rows])
             deltas[i, rows:].copy_(base[rows:])  # padded rows: the base's, i.e. a zero task vector there
+            deltas[i].sub_(base)
         else:
-            deltas[i].copy_(x)
-        deltas[i].sub_(base)
+            torch.sub(x, base, out=deltas[i])  # converts and subtracts in one pass
+        del x
+        _release(model, job.name)
+    del raw_base
+    _release(plan.base, job.name)
     if check_finite:
         _check_finite(plan, job, base, deltas)
     return _Inputs(job, base, deltas)
+
+
+def _release(checkpoint: object, name: str) -> None:
+    # Mapped pages of a consumed tensor would otherwise count against RSS until the whole run ends.
+    release = getattr(checkpoint, "release", None)
+    if release is not None:
+        release(name)
 
 
 def _check_finite(plan: MergePlan, job: TensorJob, base: torch.Tensor, deltas: torch.Tensor) -> None:
@@ -153,7 +164,9 @@ def run_plan(
     done_bytes = 0
     bar = _Progress(len(plan.jobs), plan.input_bytes) if progress else None
     try:
-        for (name, tensor), job in zip(iter_merged(plan, device=device, check_finite=check_finite), plan.jobs):
+        for (name, tensor), job in zip(
+            iter_merged(plan, device=device, check_finite=check_finite), plan.jobs
+        ):
             sink(name, tensor)
             done_bytes += job.input_bytes
             if bar is not None:

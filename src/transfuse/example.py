@@ -53,5 +53,8 @@ def write_example(folder: str | Path, *, hidden: int = 64, layers: int = 2, seed
         "dtype": "float32",
     }
     path = folder / "recipe.yaml"
-    path.write_text("# transfuse example: TIES-merge three experts of a tiny BERT\n" + yaml.safe_dump(recipe, sort_keys=False))
+    path.write_text(
+        "# transfuse example: TIES-merge three experts of a tiny BERT\n"
+        + yaml.safe_dump(recipe, sort_keys=False)
+    )
     return path

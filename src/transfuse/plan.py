@@ -31,7 +31,12 @@ from transfuse.recipe import ModelEntry, Recipe, evaluate_setting
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # Tensors whose first axis is the vocabulary: their row counts may legitimately differ between models.
 _VOCAB_NAMES = ("embed_tokens", "word_embeddings", "wte", "lm_head", "embed_out", "tok_embeddings", "shared")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 # Below this share of common tensor names, inputs are different architectures, not fine-tunes of one base.
 _SAME_BASE_MIN_OVERLAP = 0.5
 
@@ -46,7 +51,9 @@ class TensorJob:
     merge: bool  # False: copied from the base unchanged (integer buffers)
     global_params: dict[str, ParamValue] = field(default_factory=dict)
     model_params: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per-model, incl. "weight"
-    model_rows: tuple[int, ...] = ()  # first-axis length of each model's tensor when it differs (vocab fix-up)
+    model_rows: tuple[
+        int, ...
+    ] = ()  # first-axis length of each model's tensor when it differs (vocab fix-up)
     input_bytes: int = 0
 
     @property
@@ -195,7 +202,9 @@ def _plan_tensors(
                 )
         if any(mi.shape != info.shape for mi in infos):
             model_rows = _reconcile_rows(name, info.shape, infos, labels, base_label, recipe.vocab_mismatch)
-            notes.append(f"{name}: vocabulary rows {list(model_rows)} reconciled to the base's {info.shape[0]}")
+            notes.append(
+                f"{name}: vocabulary rows {list(model_rows)} reconciled to the base's {info.shape[0]}"
+            )
         t = layer_position(name, num_layers)
         global_params, model_params = _resolve_params(spec, recipe, name, t) if is_float else ({}, {})
         dtype = (forced_dtype or recipe_dtype or info.dtype) if is_float else info.dtype

@@ -114,7 +114,9 @@ class Recipe:
                     "does not support; use `models:` with `base_model:` instead"
                 )
             if key not in TOP_LEVEL_KEYS:
-                raise RecipeError(f"unknown recipe key {key!r}; allowed keys: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+                raise RecipeError(
+                    f"unknown recipe key {key!r}; allowed keys: {', '.join(sorted(TOP_LEVEL_KEYS))}"
+                )
         if "merge_method" not in data:
             raise RecipeError("the recipe has no `merge_method`; run `transfuse methods` to list them")
         method = data["merge_method"]
@@ -141,7 +143,9 @@ class Recipe:
                 raise RecipeError(f"models[{i}] must be a mapping with a `model` key, got {entry!r}")
             extra = set(entry) - {"model", "parameters"}
             if extra:
-                raise RecipeError(f"unknown key(s) {sorted(extra)} in models[{i}]; allowed: model, parameters")
+                raise RecipeError(
+                    f"unknown key(s) {sorted(extra)} in models[{i}]; allowed: model, parameters"
+                )
             target = entry["model"]
             if not isinstance(target, str):
                 raise RecipeError(f"models[{i}].model must be a path string, got {target!r}")
@@ -152,7 +156,9 @@ class Recipe:
             params = entry.get("parameters") or {}
             if not isinstance(params, dict):
                 raise RecipeError(f"models[{i}].parameters must be a mapping, got {params!r}")
-            models.append(ModelEntry(path=resolve(target, f"models[{i}].model"), parameters=params, lora=lora))
+            models.append(
+                ModelEntry(path=resolve(target, f"models[{i}].model"), parameters=params, lora=lora)
+            )
 
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
@@ -175,7 +181,9 @@ class Recipe:
         tokenizer_source = data.get("tokenizer_source")
         if tokenizer_source is not None and tokenizer_source != "base":
             if not isinstance(tokenizer_source, str) or tokenizer_source in ("union",):
-                raise RecipeError("`tokenizer_source` must be `base` or a model path (tokenizer merging is unsupported)")
+                raise RecipeError(
+                    "`tokenizer_source` must be `base` or a model path (tokenizer merging is unsupported)"
+                )
             tokenizer_source = resolve(tokenizer_source, "tokenizer_source")
 
         recipe = cls(
@@ -198,12 +206,18 @@ class Recipe:
         """Check method arity and every parameter setting's names, types and ranges (no files are read)."""
         spec = self.spec
         if spec.needs_base and self.base_model is None:
-            raise RecipeError(f"method {spec.name!r} needs `base_model` (the model the experts were fine-tuned from)")
+            raise RecipeError(
+                f"method {spec.name!r} needs `base_model` (the model the experts were fine-tuned from)"
+            )
         n = len(self.task_models)
         if n < spec.min_models:
-            raise RecipeError(f"method {spec.name!r} needs at least {spec.min_models} model(s) besides the base, got {n}")
+            raise RecipeError(
+                f"method {spec.name!r} needs at least {spec.min_models} model(s) besides the base, got {n}"
+            )
         if spec.max_models is not None and n > spec.max_models:
-            raise RecipeError(f"method {spec.name!r} takes at most {spec.max_models} model(s) besides the base, got {n}")
+            raise RecipeError(
+                f"method {spec.name!r} takes at most {spec.max_models} model(s) besides the base, got {n}"
+            )
         for name, setting in self.parameters.items():
             _check_setting(spec, name, setting, "parameters")
         for entry in self.models:
@@ -254,13 +268,17 @@ def _check_setting(spec: MethodSpec, name: str, setting: Setting, where: str) ->
             for e in setting:
                 extra = set(e) - {"filter", "value"}
                 if extra or "value" not in e:
-                    raise ParameterError(f"{label}: each filtered entry needs `value` (and optional `filter`), got {e}")
+                    raise ParameterError(
+                        f"{label}: each filtered entry needs `value` (and optional `filter`), got {e}"
+                    )
                 if e.get("filter") is not None and not isinstance(e["filter"], str):
                     raise ParameterError(f"{label}: `filter` must be a string, got {e['filter']!r}")
                 _check_setting(spec, name, e["value"], where)
             return
         if any(isinstance(e, (dict, list)) for e in setting):
-            raise ParameterError(f"{label}: a list must be all numbers (a layer gradient) or all {{filter, value}}")
+            raise ParameterError(
+                f"{label}: a list must be all numbers (a layer gradient) or all {{filter, value}}"
+            )
         for e in setting:
             param.validate(e, label)
         return

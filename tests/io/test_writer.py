@@ -347,3 +347,47 @@ def test_output_bytes_are_deterministic(tmp_path):
     assert len(blobs) == 1
     with safe_open(tmp_path / "out0" / "model-00001-of-00003.safetensors", framework="pt") as f:
         assert f.metadata() == {**meta, "format": "pt"}
+
+
+def test_streamed_layout_matches_safetensors_and_loads(tmp_path):
+    """expect() + add() streams bytes into pre-laid-out shards; safetensors' own reader must agree."""
+    from safetensors.torch import load_file as st_load
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(5, 7, generator=g).to(torch.bfloat16),
+        "b.bias": torch.randn(3, generator=g),
+        "c.ids": torch.arange(4),
+        "d.empty": torch.zeros(0, 2),
+        "e.flag": torch.tensor([True, False]),
+        "f.half": torch.randn(2, 2, generator=g).half(),
+    }
+    with ShardedWriter(tmp_path / "out", max_shard_bytes=64, metadata={"k": "v"}) as writer:
+        writer.expect([(n, tuple(t.shape), t.dtype) for n, t in tensors.items()])
+        for n, t in tensors.items():
+            writer.add(n, t)
+        out = writer.finish()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    loaded = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        loaded.update(st_load(out / shard))
+        with safe_open(str(out / shard), "pt") as f:
+            assert f.metadata()["k"] == "v" and f.metadata()["format"] == "pt"
+    assert set(loaded) == set(tensors)
+    for n, t in tensors.items():
+        assert loaded[n].dtype == t.dtype and torch.equal(loaded[n], t)
+
+
+def test_streamed_order_and_completeness_are_checked(tmp_path):
+    writer = ShardedWriter(tmp_path / "out")
+    writer.expect([("a", (2,), torch.float32), ("b", (2,), torch.float32)])
+    with pytest.raises(WriteError, match="out of the declared order"):
+        writer.add("b", torch.zeros(2))
+    writer.add("a", torch.zeros(2))
+    with pytest.raises(WriteError, match="declared as"):
+        writer.add("b", torch.zeros(3))
+    with pytest.raises(WriteError, match="only 1 of the 2"):
+        writer.finish()
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []

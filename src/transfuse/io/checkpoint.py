@@ -72,6 +72,10 @@ class Checkpoint(Protocol):
         ...
 
 
+# Readers may also offer ``release(name)``: a hint that ``name`` has been consumed and its memory-mapped pages
+# can leave the resident set.  The engine calls it when present; it never invalidates returned tensors' data.
+
+
 class CheckpointBase:
     """Shared conveniences of the file-backed readers: context manager, ``in``, ``len`` and error messages."""
 

@@ -369,6 +369,12 @@ class LoraCheckpoint(CheckpointBase):
         # Out of place: `original` may be the memory-mapped input, which must not change.
         return torch.add(original.to(torch.float32), delta)
 
+    def release(self, name: str) -> None:
+        """Drop ``name``'s pages from the resident set (see ``SafetensorsCheckpoint.release``)."""
+        release = getattr(self.base, "release", None)
+        if release is not None:
+            release(name)
+
     def close(self) -> None:
         self.adapter.close()
         if self._owns_base:

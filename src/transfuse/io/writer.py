@@ -14,6 +14,11 @@ Use it as a context manager::
         writer.copy_config_from(base_dir)
         writer.finish()
 
+When every tensor is known in advance (a merge plan is), call ``expect([(name, shape, dtype), ...])`` first: the
+shards' headers are then laid out up front and each ``add`` streams its bytes straight into its shard file, so
+no shard is ever held in memory (the files are byte-identical to the buffered path's layout rules:
+safetensors format, shards split at ``max_shard_bytes``).
+
 Leaving the ``with`` block without calling ``finish()`` aborts (the output is discarded; a warning is issued
 when that happens without an exception).
 """
@@ -121,6 +126,61 @@ def _canonicalize_header(path: Path) -> None:
             fh.write(text + b" " * (size - len(text)))
 
 
+_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (any dtype, bf16 included), without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+class _StreamedShard:
+    """A safetensors file whose header is written first; tensor bytes are then appended in header order."""
+
+    def __init__(
+        self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]], metadata: dict
+    ) -> None:
+        header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+        offset = 0
+        for name, shape, dtype in entries:
+            code = _SAFETENSORS_DTYPES.get(dtype)
+            if code is None:
+                raise WriteError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+            nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+            header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text += b" " * (-len(text) % 8)  # the data buffer starts 8-byte aligned, as safetensors writes it
+        self.path = path
+        self.names = [e[0] for e in entries]
+        self.expected = {name: (tuple(shape), dtype) for name, shape, dtype in entries}
+        self.written = 0
+        self.fh = open(path, "wb")
+        self.fh.write(struct.pack("<Q", len(text)) + text)
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        if t.numel():
+            self.fh.write(_tensor_bytes(t))
+        self.written += 1
+
+    def close(self) -> None:
+        if not self.fh.closed:
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+            self.fh.close()
+
+
 def _write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     save_file(tensors, str(path), metadata=metadata)
     _canonicalize_header(path)
@@ -184,6 +244,44 @@ class ShardedWriter:
         self._added_files: set[str] = set()
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        # Streaming mode (after expect()): the shard files laid out up front and where the next tensor goes.
+        self._streamed: list[_StreamedShard] = []
+        self._expected_order: list[tuple[str, int]] = []  # (name, shard index) in add() order
+        self._next = 0
+
+    def expect(self, tensors: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+        """Declare every tensor, in the order ``add`` will receive them, before the first ``add``.
+
+        Shards are laid out now (same split rule as the buffered path) and each ``add`` then writes its tensor
+        straight to disk on the background thread: memory holds at most the one tensor being written.
+        """
+        self._check_open()
+        if self._names or self._streamed:
+            raise WriteError("expect() must be called once, before the first add()")
+        groups: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        seen: set[str] = set()
+        for name, shape, dtype in tensors:
+            if name in seen:
+                raise WriteError(f"tensor {name!r} is declared twice")
+            seen.add(name)
+            nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
+            if groups[-1] and size + nbytes > self.max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append((name, tuple(shape), dtype))
+            size += nbytes
+        if not groups[0]:
+            raise WriteError(f"no tensors declared; nothing to write to {self.out_dir}")
+        try:
+            for i, group in enumerate(groups):
+                file = f"shard-{i:05d}.safetensors"
+                self._streamed.append(_StreamedShard(self.tmp_dir / file, group, self.metadata))
+                self._shards.append((file, [g[0] for g in group]))
+                self._expected_order.extend((g[0], i) for g in group)
+        except OSError as exc:
+            self.abort()
+            raise WriteError(f"cannot create shard files in {self.tmp_dir}: {exc}") from exc
 
     # ------------------------------------------------------------------ public API
 
@@ -203,6 +301,9 @@ class ShardedWriter:
             t = t.to("cpu")
         t = t.contiguous()
         nbytes = t.numel() * t.element_size()
+        if self._streamed:
+            self._add_streamed(name, t, nbytes)
+            return
         if self._buffer and self._buffer_bytes + nbytes > self.max_shard_bytes:
             self._flush()
         # save_file refuses two names sharing memory (tied weights, the same tensor added twice): copy
@@ -217,6 +318,31 @@ class ShardedWriter:
         self._buffer_bytes += nbytes
         self._names.add(name)
         self._total_size += nbytes
+
+    def _add_streamed(self, name: str, t: torch.Tensor, nbytes: int) -> None:
+        if self._next >= len(self._expected_order) or self._expected_order[self._next][0] != name:
+            expected = self._expected_order[self._next][0] if self._next < len(self._expected_order) else None
+            raise WriteError(f"tensor {name!r} added out of the declared order (expected {expected!r})")
+        shard = self._streamed[self._expected_order[self._next][1]]
+        if (tuple(t.shape), t.dtype) != shard.expected[name]:
+            raise WriteError(
+                f"tensor {name!r} is {t.dtype} {tuple(t.shape)} but was declared as {shard.expected[name]}"
+            )
+        self._next += 1
+        self._names.add(name)
+        self._total_size += nbytes
+        if not self.background:
+            self._stream_write(shard, name, t)
+            return
+        self._wait()  # one tensor in flight: writing overlaps the next computation, memory stays bounded
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-write")
+        self._pending = self._executor.submit(self._stream_write, shard, name, t)
+
+    def _stream_write(self, shard: _StreamedShard, name: str, t: torch.Tensor) -> None:
+        shard.write(name, t)
+        if shard.written == len(shard.names):
+            shard.close()
 
     def add_file(self, name: str, content: str | bytes) -> None:
         """Write a non-weight file (e.g. ``recipe.yaml``) into the output; wins over ``copy_config_from``."""
@@ -276,6 +402,11 @@ class ShardedWriter:
                 self._flush()
             self._wait()
             self._shutdown_executor()
+            if self._streamed and self._next != len(self._expected_order):
+                raise WriteError(
+                    f"only {self._next} of the {len(self._expected_order)} declared tensors were added; "
+                    f"the output {self.out_dir} would be incomplete"
+                )
             if not self._names:
                 raise WriteError(f"no tensors were added; nothing to write to {self.out_dir}")
             self._name_shards()
@@ -303,6 +434,11 @@ class ShardedWriter:
                 pass
             self._pending = None
         self._shutdown_executor()
+        for shard in self._streamed:
+            try:
+                shard.fh.close()
+            except OSError:
+                pass
         _remove_tree(self.tmp_dir)
         self._finalizer.detach()
 
