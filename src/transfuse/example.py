@@ -35,7 +35,7 @@ def write_example(folder: str | Path, *, hidden: int = 64, layers: int = 2, seed
     for i, name in enumerate(EXPERTS):
         expert = BertModel(config).eval()
         state = {k: v.clone() for k, v in base.state_dict().items()}
-        for key, value in state.items():
+        for value in state.values():
             if value.is_floating_point():
                 # A sparse-ish task vector: fine-tuning moves a few weights a lot and most a little.
                 noise = torch.randn(value.shape, generator=generator) * 0.002
