@@ -1,0 +1,679 @@
+"""Shared pieces of the task-arithmetic family: sparsifiers, rescaling, TIES sign election, the combine step.
+
+Every sparsifier works IN PLACE on one task vector (a row of the engine's ``deltas`` buffer) and follows
+MergeKit 0.1.5's rules for how many entries survive.  None of them sorts the whole tensor for a top-k:
+``magnitude_thresholds`` finds the exact threshold from a sample bracket plus ``kthvalue`` on the few
+candidates inside it.  Full-tensor passes run in cache-sized chunks (``CHUNK`` entries) with reused
+buffers: streaming a 50M-entry tensor through one fused chunk loop is several times faster than a chain
+of whole-tensor ops, each of which re-reads DRAM and page-faults a fresh temporary.
+
+Tie rule for every magnitude mask here: entries are ordered by magnitude, and among equal magnitudes the
+LOWER flat index counts as larger.  So a top-k keeps the lowest-index entries of a tied group, and an
+outlier cut (breadcrumbs) drops the lowest-index ones.  MergeKit's order for ties is whatever its unstable
+sort yields.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from transfuse.errors import ParameterError
+from transfuse.methods.registry import ParamSpec
+
+# --------------------------------------------------------------------------------------------------------
+# Parameter specs shared by the methods of this family.
+
+DENSITY = ParamSpec(
+    "density", float, 1.0, "fraction of each task vector's entries kept", per_model=True, low=0.0, high=1.0
+)
+NORMALIZE_FALSE = ParamSpec("normalize", bool, False, "divide the summed task vectors by the sum of weights")
+NORMALIZE_TRUE = ParamSpec("normalize", bool, True, "divide the summed task vectors by the sum of weights")
+LAMBDA = ParamSpec("lambda", float, 1.0, "global scale of the merged task vector")
+INT8_MASK = ParamSpec(
+    "int8_mask", bool, False, "accepted for MergeKit recipes; no effect (transfuse masks are always boolean)"
+)
+RESCALE_FALSE = ParamSpec(
+    "rescale", bool, False, "rescale each sparsified task vector to its original L1 norm"
+)
+RESCALE_TRUE = ParamSpec("rescale", bool, True, "rescale each sparsified task vector (see rescale_mode)")
+RESCALE_MODE = ParamSpec(
+    "rescale_mode",
+    str,
+    "l1",
+    "l1: match the task vector's L1 norm (MergeKit); inverse_density: divide kept entries by their keep "
+    "probability (the paper)",
+    choices=("l1", "inverse_density"),
+)
+SIGN_ELECTION = ParamSpec(
+    "sign_election",
+    str,
+    "weighted",
+    "weighted: elect the sign of sum(w_i*tau_i) (MergeKit); unweighted: elect the sign of sum(tau_i), "
+    "weights applied after (original TIES code)",
+    choices=("weighted", "unweighted"),
+)
+GAMMA = ParamSpec(
+    "gamma",
+    float,
+    0.01,
+    "fraction of largest-magnitude entries removed as outliers",
+    per_model=True,
+    low=0.0,
+    high=1.0,
+)
+EPSILON = ParamSpec(
+    "epsilon",
+    float,
+    0.15,
+    "half-width of the keep-probability range density +/- epsilon (must stay inside (0, 1))",
+    per_model=True,
+    low=0.0,
+    high=1.0,
+)
+
+#: MergeKit's guard for rescaling by a near-zero norm.
+RESCALE_EPS = 1e-7
+
+
+def per_model_values(values: Tensor) -> list[float]:
+    """Python floats of a ``[K]`` per-model parameter, as the decimals the recipe wrote.
+
+    MergeKit computes ``int(density * n)`` with the recipe's Python float; the float32 copy of 0.7 is
+    0.69999999 and would keep one entry fewer.  The shortest decimal that round-trips the float32 value
+    recovers what the user wrote (up to ~7 significant digits).
+    """
+    if values.dtype == torch.float32:
+        return [float(str(np.float32(v))) for v in values.tolist()]
+    return [float(v) for v in values.tolist()]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Chunked passes and exact magnitude thresholds.
+#
+# Masks are applied with float ops only (hardshrink, threshold, relu, multiply by a 0/1 float): on CPU a
+# boolean-output comparison or ``masked_fill_`` costs 1-5 ns per entry, a float op 0.1-0.2 ns.
+
+CHUNK = 1 << 19  # entries per chunk on CPU: 2 MiB of float32, cache-resident (L2/L3) with its scratch buffers
+_DEVICE_CHUNK = 1 << 24  # accelerator: few large launches; float32 sums of 0/1 flags stay exact (<= 2**24)
+_SAMPLE = 1 << 16
+_SAMPLE_SEED = 0x5EED  # fixed: thresholds never depend on any caller's random state
+_BRACKET_SIGMAS = 6.0
+
+
+class Workspace:
+    """Chunk-sized scratch buffers, reused across chunks, models and steps of one tensor's merge.
+
+    ``chunk`` is the chunk length every pass over this tensor uses (tie bookkeeping relies on it).
+    """
+
+    def __init__(self, numel: int, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.chunk = CHUNK if self.device.type == "cpu" else _DEVICE_CHUNK
+        size = max(1, min(numel, self.chunk))
+        self.a = torch.empty(size, dtype=torch.float32, device=self.device)
+        self.b = torch.empty(size, dtype=torch.float32, device=self.device)
+        self.c = torch.empty(size, dtype=torch.float32, device=self.device)
+
+    def chunks(self, numel: int) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` of consecutive chunks covering ``range(numel)``."""
+        return chunk_ranges(numel, self.device)
+
+
+def chunk_ranges(numel: int, device: torch.device | str = "cpu") -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive chunks covering ``range(numel)`` (chunk length by device)."""
+    size = CHUNK if torch.device(device).type == "cpu" else _DEVICE_CHUNK
+    for start in range(0, numel, size):
+        yield start, min(start + size, numel)
+
+
+def _below(value: float) -> float:
+    """The largest float32 below ``value`` (``|x| > _below(t)`` is ``|x| >= t`` for float32 ``x``)."""
+    return float(np.nextafter(np.float32(value), np.float32(-np.inf)))
+
+
+def _above(value: float) -> float:
+    """The smallest float32 above ``value``."""
+    return float(np.nextafter(np.float32(value), np.float32(np.inf)))
+
+
+class Threshold(NamedTuple):
+    """The ``k``-th largest magnitude ``value`` of a tensor.
+
+    ``ties`` entries equal it; the ``ties_in_top`` of them with the lowest indices are in the top k;
+    ``chunk_ties[c]`` of them lie in chunk ``c``.
+    """
+
+    value: float
+    ties_in_top: int
+    ties: int
+    chunk_ties: list[int]
+
+
+def magnitude_thresholds(
+    x: Tensor, ks: Sequence[int], ws: Workspace | None = None, l1: bool = False
+) -> tuple[list[Threshold], float]:
+    """The exact ``k``-th largest ``|x|`` for each ``k`` in ``ks`` (``1 <= k <= n``), in one chunked pass.
+
+    Also returns ``sum |x|`` (float64) if ``l1``, else 0.
+
+    A random sample of ``|x|`` (fixed seed) estimates each ``k/n`` quantile.  One pass counts the entries
+    above a +/- 6 sigma bracket around it and gathers the (~2%) entries inside; ``kthvalue`` runs on those
+    candidates only.  Values that fill a large share of the bracket (bf16 deltas are coarsely quantised:
+    one magnitude can hold 20% of a tensor) are counted instead of gathered, and zeros always are.  If a
+    bracket misses (probability ~1e-9, or adversarial data) that ``k`` falls back to ``kthvalue`` over all
+    entries.  Tensors of at most one chunk use ``kthvalue`` directly.
+    """
+    flat = x.reshape(-1)
+    n = flat.numel()
+    for k in ks:
+        if not 1 <= k <= n:
+            raise ValueError(f"k={k} out of range for {n} entries")
+    ws = ws if ws is not None else Workspace(n, x.device)
+    if n <= ws.chunk:
+        a = torch.abs(flat, out=ws.a[:n])
+        total = float(a.sum(dtype=torch.float64)) if l1 else 0.0
+        found = []
+        for k in ks:
+            t = a.kthvalue(n - k + 1).values.item()
+            greater = int(torch.gt(a, t, out=ws.b[:n]).sum())
+            ties = int(torch.eq(a, t, out=ws.b[:n]).sum())
+            found.append(Threshold(t, k - greater, ties, [ties]))
+        return found, total
+
+    gen = torch.Generator().manual_seed(_SAMPLE_SEED)
+    # Stratified sample (one random entry per 1/_SAMPLE of the tensor): lower variance than i.i.d. draws,
+    # and ascending addresses instead of cache-missing random gathers.
+    starts = torch.arange(_SAMPLE + 1, dtype=torch.int64) * n // _SAMPLE
+    widths = (starts[1:] - starts[:-1]).to(torch.float64)
+    offsets = (torch.rand(_SAMPLE, generator=gen, dtype=torch.float64) * widths).long()
+    sample = flat[(starts[:-1] + offsets).to(flat.device)].abs_()
+    brackets = [_bracket(sample, k / n) for k in ks]
+
+    above = [0] * len(ks)
+    heavy_counts = [[[] for _ in heavy] for _, _, heavy in brackets]  # [bracket][heavy value][chunk]
+    parts: list[list[Tensor]] = [[] for _ in ks]
+    total = 0.0
+    for start, stop in ws.chunks(n):
+        size = stop - start
+        a = torch.abs(flat[start:stop], out=ws.a[:size])
+        if l1:
+            total += float(a.sum(dtype=torch.float64))
+        f, g = ws.b[:size], ws.c[:size]
+        for b, (lo, hi, heavy) in enumerate(brackets):
+            if hi is not None:
+                above[b] += int(torch.gt(a, hi, out=f).sum())
+            if lo is not None:
+                torch.hardshrink(a, _below(lo), out=f)  # a where a >= lo, else 0
+            else:
+                f.copy_(a)
+            if hi is not None:
+                f.neg_()
+                torch.threshold_(f, -_above(hi), 0.0)  # -a where a <= hi, else 0
+            for h, value in enumerate(heavy):
+                if value == 0.0:
+                    heavy_counts[b][h].append(size - int(torch.count_nonzero(a)))
+                    continue
+                heavy_counts[b][h].append(int(torch.eq(a, value, out=g).sum()))
+                f.addcmul_(f, g, value=-1.0)  # f - f*[a == value]: leave the heavy value out of the pool
+            parts[b].append(a.index_select(0, torch.nonzero(f).reshape(-1)))  # zeros never enter the pool
+
+    found = []
+    for b, k in enumerate(ks):
+        heavy = brackets[b][2]
+        resolved = _resolve(k - above[b], parts[b], heavy, heavy_counts[b])
+        found.append(resolved if resolved is not None else _exact_chunked(flat, k, ws))
+    return found, total
+
+
+_HEAVY_SHARE = 1 / 64  # a value holding this share of the sample is counted, not gathered
+
+
+def _bracket(sample: Tensor, frac: float) -> tuple[float | None, float | None, list[float]]:
+    """``(lo, hi, heavy)``: sample bracket of the top-``frac`` quantile (None = unbounded) and the values
+    inside it frequent enough to count instead of gather (0.0 whenever zeros are inside)."""
+    centre = _SAMPLE * (1.0 - frac)  # ascending sample position of the answer
+    half = _BRACKET_SIGMAS * math.sqrt(_SAMPLE * frac * (1.0 - frac)) + 2.0
+    lo_pos, hi_pos = math.floor(centre - half), math.ceil(centre + half)
+    lo = sample.kthvalue(lo_pos + 1).values.item() if lo_pos >= 0 else None
+    hi = sample.kthvalue(hi_pos + 1).values.item() if hi_pos < _SAMPLE else None
+    if lo == 0.0:
+        lo = None  # zeros are inside: counted as a heavy value
+    inside = sample
+    if lo is not None:
+        inside = inside[inside >= lo]
+    if hi is not None:
+        inside = inside[inside <= hi]
+    values, counts = torch.unique(inside, return_counts=True)
+    heavy = [v for v, c in zip(values.tolist(), counts.tolist(), strict=True) if c >= _HEAVY_SHARE * _SAMPLE]
+    if lo is None and 0.0 not in heavy:
+        heavy.insert(0, 0.0)
+    return lo, hi, heavy
+
+
+def _resolve(
+    rank: int, parts: list[Tensor], heavy: list[float], heavy_counts: list[list[int]]
+) -> Threshold | None:
+    """The ``rank``-th largest of (gathered pool) + (heavy values with their counts), or None if the
+    bracket missed."""
+    pool = torch.cat(parts)
+    heavy_totals = [sum(c) for c in heavy_counts]
+    if not 1 <= rank <= pool.numel() + sum(heavy_totals):
+        return None
+    consumed = 0  # pool entries above the current heavy value
+    for h in sorted(range(len(heavy)), key=lambda i: heavy[i], reverse=True):
+        pool_above = int(torch.gt(pool, heavy[h]).sum())
+        if rank <= pool_above - consumed:
+            return _from_pool(pool, parts, consumed + rank)
+        rank -= pool_above - consumed
+        consumed = pool_above
+        if rank <= heavy_totals[h]:
+            return Threshold(heavy[h], rank, heavy_totals[h], heavy_counts[h])
+        rank -= heavy_totals[h]
+    return _from_pool(pool, parts, consumed + rank)
+
+
+def _from_pool(pool: Tensor, parts: list[Tensor], rank: int) -> Threshold:
+    """The ``rank``-th largest entry of ``pool`` (all of whose ties lie in the pool)."""
+    t = pool.kthvalue(pool.numel() - rank + 1).values.item()
+    per_chunk = [int(torch.eq(p, t).sum()) for p in parts]
+    return Threshold(t, rank - int(torch.gt(pool, t).sum()), sum(per_chunk), per_chunk)
+
+
+def _exact_chunked(flat: Tensor, k: int, ws: Workspace) -> Threshold:
+    """Fallback: ``kthvalue`` over all of ``|flat|``, tie counts chunk by chunk."""
+    magnitudes = flat.abs()
+    n = magnitudes.numel()
+    t = magnitudes.kthvalue(n - k + 1).values.item()
+    greater = int(torch.gt(magnitudes, t).sum())
+    del magnitudes
+    per_chunk = []
+    for start, stop in ws.chunks(n):
+        a = torch.abs(flat[start:stop], out=ws.a[: stop - start])
+        per_chunk.append(int(torch.eq(a, t, out=ws.b[: stop - start]).sum()))
+    return Threshold(t, k - greater, sum(per_chunk), per_chunk)
+
+
+def _zero_tie_ordinals_(
+    chunk: Tensor, value: float, first_ordinal: int, drop: Callable[[Tensor], Tensor], ws: Workspace
+) -> None:
+    """In ``chunk``, zero the entries with ``|x| == value`` whose tie ordinal (counted across chunks from
+    ``first_ordinal``, in index order) satisfies ``drop(ordinals)``."""
+    size = chunk.numel()
+    a = torch.abs(chunk, out=ws.c[:size])
+    positions = torch.nonzero(a == value).reshape(-1)
+    ordinals = torch.arange(first_ordinal, first_ordinal + positions.numel(), device=chunk.device)
+    chunk[positions[drop(ordinals)]] = 0.0
+
+
+class Band:
+    """Zeroes the entries outside the top ``k_keep`` magnitudes (``keep_top``) and inside the top ``k_drop``
+    (``drop_top``; ``k_drop < k_keep``), one chunk at a time, in chunk order.
+
+    Ties at a threshold follow index order (lower index = larger).  Chunks wholly before or after a tie
+    boundary need one ``hardshrink`` (its threshold nudged by one float32 ulp keeps or drops the ties);
+    only the chunk holding the boundary locates its tied entries.
+    """
+
+    def __init__(self, keep_top: Threshold | None, drop_top: Threshold | None) -> None:
+        self.keep_top, self.drop_top = keep_top, drop_top
+        self.lo_v = keep_top.value if keep_top is not None and keep_top.value > 0 else None
+        self.hi_v = drop_top.value if drop_top is not None else None
+        same = self.lo_v is not None and self.lo_v == self.hi_v
+        # Ties at lo_v with ordinals in [lo_first, lo_end) are kept; ties at hi_v with ordinals < hi_drop dropped.
+        self.lo_first = drop_top.ties_in_top if same and drop_top is not None else 0
+        self.lo_end = keep_top.ties_in_top if keep_top is not None else 0
+        self.hi_drop = (
+            drop_top.ties_in_top if drop_top is not None and not same and (self.hi_v or 0) > 0 else 0
+        )
+        self.lo_seen = self.hi_seen = 0
+
+    def apply(self, c: int, chunk: Tensor, ws: Workspace) -> None:
+        """Apply the band to ``chunk``, the ``c``-th chunk (chunks must come in order 0, 1, ...)."""
+        if self.lo_v is not None and self.keep_top is not None:
+            lo_v, first, end = self.lo_v, self.lo_first, self.lo_end
+            count = self.keep_top.chunk_ties[c]
+            s = self.lo_seen
+            e = self.lo_seen = s + count
+            disjoint = count > 0 and (e <= first or s >= end)
+            # hardshrink keeps |x| > lambd: _below(lo_v) keeps the ties at lo_v, lo_v drops them
+            torch.hardshrink(chunk, lo_v if disjoint else _below(lo_v), out=chunk)
+            if count > 0 and not disjoint and not (s >= first and e <= end):
+                _zero_tie_ordinals_(chunk, lo_v, s, lambda o: (o < first) | (o >= end), ws)
+        if self.hi_v is not None:
+            hi_v, hi_drop = self.hi_v, self.hi_drop
+            if hi_v == 0:
+                chunk.zero_()  # the top k_drop holds every nonzero entry
+                return
+            count = self.drop_top.chunk_ties[c] if hi_drop and self.drop_top is not None else 0
+            s = self.hi_seen
+            e = self.hi_seen = s + count
+            # chunk - hardshrink(chunk, lambd) zeros |x| > lambd and leaves the rest exactly
+            lambd = _below(hi_v) if count > 0 and e <= hi_drop else hi_v
+            chunk.sub_(torch.hardshrink(chunk, lambd, out=ws.b[: chunk.numel()]))
+            if count > 0 and s < hi_drop < e:
+                _zero_tie_ordinals_(chunk, hi_v, s, lambda o: o < hi_drop, ws)
+
+
+def keep_band_(
+    x: Tensor, keep_top: Threshold | None, drop_top: Threshold | None, ws: Workspace, l1: bool = False
+) -> float:
+    """Apply ``Band(keep_top, drop_top)`` to all of ``x`` in place; return ``sum |result|`` if ``l1``."""
+    flat = x.reshape(-1)
+    band = Band(keep_top, drop_top)
+    total = 0.0
+    for c, (start, stop) in enumerate(ws.chunks(flat.numel())):
+        chunk = flat[start:stop]
+        band.apply(c, chunk, ws)
+        if l1:
+            total += float(torch.abs(chunk, out=ws.a[: stop - start]).sum(dtype=torch.float64))
+    return total
+
+
+def l1_norm(x: Tensor, ws: Workspace) -> float:
+    """``sum |x|`` in float64, chunk by chunk."""
+    flat = x.reshape(-1)
+    total = 0.0
+    for start, stop in ws.chunks(flat.numel()):
+        total += float(torch.abs(flat[start:stop], out=ws.a[: stop - start]).sum(dtype=torch.float64))
+    return total
+
+
+def l1_rescale_(x: Tensor, before: float, after: float) -> None:
+    """Scale ``x`` by ``before / after`` (MergeKit: not if either L1 norm is below 1e-7)."""
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return
+    x.mul_(torch.tensor(before, dtype=torch.float32) / torch.tensor(after, dtype=torch.float32))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sparsifiers: one task vector (a contiguous row of ``deltas``), in place.  The magnitude ones may return a
+# Band instead of applying it, so that the combine pass applies it chunk by chunk (saves a full pass).
+
+
+def magnitude_(
+    delta: Tensor, density: float, rescale: bool, ws: Workspace, defer: bool = False
+) -> Band | None:
+    """TIES trim: keep exactly ``max(1, int(density*n))`` largest-magnitude entries (all if density >= 1)."""
+    if density >= 1:
+        return None
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        delta.zero_()
+        return None
+    k = max(1, int(density * n))
+    if k >= n:
+        return None
+    (threshold,), before = magnitude_thresholds(delta, [k], ws, l1=rescale)
+    if defer and not rescale:
+        return Band(threshold, None)
+    after = keep_band_(delta, threshold, None, ws, l1=rescale)
+    if rescale:
+        l1_rescale_(delta, before, after)
+    return None
+
+
+def magnitude_outliers_(
+    delta: Tensor, density: float, gamma: float, rescale: bool, ws: Workspace, defer: bool = False
+) -> Band | None:
+    """Breadcrumbs: drop the ``gamma`` largest outliers and the smallest, keeping ``int(density*n)`` entries.
+
+    MergeKit's rule: ``target = int(density*n)``, ``n_top = int(gamma*n)``, ``n_bot = max(0, n - target -
+    n_top)``; the kept entries are ascending ranks ``[n_bot, n_bot + target)``, so the outlier cut shrinks
+    when ``target + n_top > n``.  Density >= 1 keeps everything (gamma is then ignored).
+    """
+    if density >= 1:
+        return None
+    n = delta.numel()
+    target = int(density * n)
+    if target <= 0:
+        delta.zero_()  # L1 rescaling of an all-zero result is skipped, as in MergeKit
+        return None
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    dropped_top = n - n_bot - target  # the outliers actually removed
+    ks = ([dropped_top + target] if n_bot > 0 else []) + ([dropped_top] if dropped_top > 0 else [])
+    if not ks:
+        return None
+    thresholds, before = magnitude_thresholds(delta, ks, ws, l1=rescale)
+    found = dict(zip(ks, thresholds, strict=True))
+    keep_top = found[dropped_top + target] if n_bot > 0 else None
+    if defer and not rescale:
+        return Band(keep_top, found.get(dropped_top))
+    after = keep_band_(delta, keep_top, found.get(dropped_top), ws, l1=rescale)
+    if rescale:
+        l1_rescale_(delta, before, after)
+    return None
+
+
+def random_(
+    delta: Tensor, density: float, rescale: bool, rescale_mode: str, generator: torch.Generator, ws: Workspace
+) -> None:
+    """DARE: keep each entry independently with probability ``density``.
+
+    The mask is ``rand < density`` drawn from ``generator`` over ``delta`` in order (chunk by chunk draws
+    the same stream), which is bit-for-bit what ``torch.bernoulli(full_like(delta, density))`` (MergeKit)
+    draws from a generator in the same state.
+    """
+    if density >= 1:
+        return
+    flat = delta.reshape(-1)
+    l1 = rescale and rescale_mode == "l1"
+    before = after = 0.0
+    for start, stop in ws.chunks(flat.numel()):
+        size = stop - start
+        chunk = flat[start:stop]
+        if l1:
+            before += float(torch.abs(chunk, out=ws.a[:size]).sum(dtype=torch.float64))
+        keep = torch.lt(ws.b[:size].uniform_(generator=generator), density, out=ws.c[:size])
+        chunk.mul_(keep)  # like MergeKit's tensor * mask (dropped negatives become -0.0)
+        if l1:
+            after += float(torch.abs(chunk, out=ws.a[:size]).sum(dtype=torch.float64))
+    if not rescale or density <= 0:
+        return
+    if l1:
+        l1_rescale_(delta, before, after)
+    else:
+        delta.div_(density)
+
+
+def della_magprune_(
+    delta: Tensor,
+    density: float,
+    epsilon: float,
+    rescale: bool,
+    rescale_mode: str,
+    generator: torch.Generator,
+    ws: Workspace,
+    model_index: int = 0,
+) -> None:
+    """DELLA MagPrune: keep probability rises linearly with magnitude rank, from density-eps to density+eps.
+
+    Ranks are taken along dim 1 (1-D tensors are one row), as MergeKit does: with ``L`` entries per row,
+    the entry of ascending rank ``r`` (1..L) is kept with probability ``density - eps + 2*eps*(r-1)/(L-1)``.
+    Rows of one entry get ``density`` (MergeKit divides 0/0 there and crashes).  Ranking needs a per-row
+    sort; it is one stable argsort (MergeKit does two).
+    """
+    if density >= 1:
+        return
+    if density <= 0:
+        delta.zero_()
+        return
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ParameterError(
+            f"DELLA: model {model_index} has density={density} and epsilon={epsilon}; density +/- epsilon "
+            "must lie strictly inside (0, 1): lower epsilon or move density away from 0 and 1"
+        )
+    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)
+    rows = rows.movedim(1, -1)  # rank along MergeKit's dim 1
+    length = rows.shape[-1]
+    # Descending stable sort: position j holds ascending rank L - j; ties give the lower index the higher rank.
+    order = rows.abs().argsort(dim=-1, descending=True, stable=True)
+    if length > 1:
+        # Same float32 arithmetic as MergeKit so that probabilities (and hence masks) agree bit for bit.
+        rank_norm = torch.arange(length - 1, -1, -1, dtype=torch.float32, device=delta.device) / float(
+            length - 1
+        )
+        rank_norm = rank_norm.clamp(0, 1)
+        by_position = rank_norm * 2 * epsilon + (density - epsilon)
+    else:
+        by_position = torch.full((length,), density, dtype=torch.float32, device=delta.device)
+    probs = torch.empty_like(rows).scatter_(-1, order, by_position.expand_as(order))
+    del order
+    probs = probs.movedim(-1, 1).reshape(delta.shape)
+    l1 = rescale and rescale_mode == "l1"
+    before = l1_norm(delta, ws) if l1 else 0.0
+    delta.mul_(
+        torch.rand(delta.shape, generator=generator, device=delta.device).lt_(probs)
+    )  # = torch.bernoulli(probs)
+    if not rescale:
+        return
+    if l1:
+        l1_rescale_(delta, before, l1_norm(delta, ws))
+    else:
+        delta.div_(probs)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The combine step shared by task_arithmetic, ties, dare_*, breadcrumbs*, della*.
+
+# (delta row, model index, workspace) -> a Band still to apply to that row, or None (already sparsified)
+Sparsifier = Callable[[Tensor, int, Workspace], "Band | None"]
+
+_BIG = 3.0e38  # a finite stand-in for infinity in clamp bounds (inf * 0 would give NaN)
+
+
+def merge_task_vectors(
+    base: Tensor,
+    deltas: Tensor,
+    weights: Tensor,
+    *,
+    sparsify: Sparsifier | None,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    sign_election: str = "weighted",
+) -> Tensor:
+    """``base + lambda * combine(w_i * sparsify(tau_i))``, overwriting ``deltas``.
+
+    Without consensus: ``sum_i w_i tau_i``, divided by ``sum_i w_i`` (if |.| >= 1e-8) when normalizing.
+    With consensus (TIES): per entry, elect ``s = sign(sum_i w_i tau_i)`` (zero -> +), keep the
+    contributions of sign ``s`` and divide by the sum of their weights (0 -> 1) when normalizing.
+    ``sign_election="unweighted"`` elects on ``sum_i tau_i`` and breaks zero sums by the tensor's majority
+    elected sign (original TIES code); weights then apply to the kept entries only.
+    """
+    if not deltas.is_contiguous():
+        deltas = deltas.contiguous()
+    k = deltas.shape[0]
+    n = base.numel()
+    weights = weights.to(torch.float32)
+    ws = Workspace(n, base.device)
+    bands: list[Band | None] = [None] * k
+    if sparsify is not None:
+        for i in range(k):
+            bands[i] = sparsify(deltas[i], i, ws)
+
+    rows = deltas.reshape(k, n)
+    w_col = weights.reshape(k, 1)
+    weight_list = weights.tolist()
+    unit_weights = all(w == 1.0 for w in weight_list)  # multiplying by 1 is exact: skip it
+    scalar_divisor = None
+    if normalize and not consensus:
+        total_weight = weights.sum()
+        scalar_divisor = total_weight if total_weight.abs() >= 1e-8 else torch.ones_like(total_weight)
+    weighted_first = sign_election == "weighted"
+    if consensus and not weighted_first:
+        for i, band in enumerate(bands):  # the majority count needs the sparsified rows first
+            if band is not None:
+                for c, (start, stop) in enumerate(ws.chunks(n)):
+                    band.apply(c, rows[i, start:stop], ws)
+        bands = [None] * k
+    zero_plus = _majority_plus(rows, ws) if consensus and not weighted_first else True
+
+    merged = torch.empty(n, dtype=torch.float32, device=base.device)
+    base_flat = base.reshape(-1)
+    for c, (start, stop) in enumerate(ws.chunks(n)):
+        size = stop - start
+        block = rows[:, start:stop]
+        out = merged[start:stop]
+        for i, band in enumerate(bands):
+            if band is not None:
+                band.apply(c, block[i], ws)
+        if not consensus:
+            if not unit_weights:
+                block.mul_(w_col)
+            torch.sum(block, dim=0, out=out)
+            if scalar_divisor is not None:
+                out.div_(scalar_divisor)
+        else:
+            if weighted_first and not unit_weights:
+                block.mul_(w_col)
+            plus = torch.sum(block, dim=0, out=ws.a[:size])
+            (torch.ge if zero_plus else torch.gt)(plus, 0, out=plus)  # 1.0 where + is elected, else 0.0
+            # clamp(x, low, high) keeps x where its sign is the elected one and gives 0 elsewhere, exactly:
+            # + elected: [0, BIG]; - elected: [-BIG, 0].
+            high = torch.mul(plus, _BIG, out=ws.b[:size])
+            low = torch.sub(high, _BIG, out=ws.c[:size])
+            for i in range(k):
+                torch.clamp(block[i], min=low, max=high, out=block[i])
+            divisor = None
+            if normalize:
+                divisor = ws.a[:size].zero_()  # plus is no longer needed
+                flag = ws.b[:size]  # nor is high
+                for i, w in enumerate(weight_list):
+                    # an entry that survived (nonzero) is exactly an agreeing one
+                    divisor.add_(torch.ne(block[i], 0, out=flag), alpha=w)
+                divisor.add_(torch.eq(divisor, 0, out=flag))  # 0 -> 1
+            if not weighted_first and not unit_weights:
+                block.mul_(w_col)
+            torch.sum(block, dim=0, out=out)
+            if divisor is not None:
+                out.div_(divisor)
+        if lambda_ != 1:
+            out.mul_(lambda_)
+        out.add_(base_flat[start:stop])
+    return merged.reshape(base.shape)
+
+
+def _majority_plus(rows: Tensor, ws: Workspace) -> bool:
+    """Whether at least as many entries have a positive as a negative unweighted sum (original TIES)."""
+    plus = minus = 0
+    for start, stop in ws.chunks(rows.shape[1]):
+        size = stop - start
+        total = torch.sum(rows[:, start:stop], dim=0, out=ws.a[:size])
+        plus += int(torch.gt(total, 0, out=ws.b[:size]).sum())
+        minus += int(torch.lt(total, 0, out=ws.b[:size]).sum())
+    return plus >= minus
+
+
+def sparsifier_for(
+    kind: str,
+    *,
+    density: Tensor,
+    rescale: bool = False,
+    rescale_mode: str = "l1",
+    gamma: Tensor | None = None,
+    epsilon: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Sparsifier:
+    """A per-model sparsifier closure reading model ``i``'s density (and gamma/epsilon)."""
+    dens: Sequence[float] = per_model_values(density)
+    if kind == "magnitude":
+        return lambda d, i, s: magnitude_(d, dens[i], rescale, s, defer=True)
+    if kind == "magnitude_outliers":
+        assert gamma is not None
+        gam = per_model_values(gamma)
+        return lambda d, i, s: magnitude_outliers_(d, dens[i], gam[i], rescale, s, defer=True)
+    if kind == "random":
+        assert generator is not None
+        return lambda d, i, s: random_(d, dens[i], rescale, rescale_mode, generator, s)
+    if kind == "della_magprune":
+        assert generator is not None and epsilon is not None
+        eps = per_model_values(epsilon)
+        return lambda d, i, s: della_magprune_(d, dens[i], eps[i], rescale, rescale_mode, generator, s, i)
+    raise ValueError(f"unknown sparsification {kind!r}")

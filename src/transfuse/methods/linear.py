@@ -1,0 +1,48 @@
+"""Linear merge (model soup): the weighted average of the models."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from transfuse.errors import ParameterError
+from transfuse.methods._sparsify import NORMALIZE_TRUE, chunk_ranges
+from transfuse.methods.registry import register
+
+
+@register(
+    "linear",
+    params=(NORMALIZE_TRUE,),
+    paper="Wortsman et al., Model soups, ICML 2022 (arXiv:2203.05482)",
+    needs_base=False,
+    mergekit_name="linear",
+)
+def linear(base: Tensor, deltas: Tensor, weights: Tensor, *, normalize: bool) -> Tensor:
+    """Weighted average of the models: sum_i w_i theta_i / sum_i w_i (no division if normalize is false).
+
+    With ``theta_i = base + delta_i`` this is computed as ``base * sum(w) + sum_i w_i delta_i`` (divided by
+    ``sum(w)``), so the result does not depend on which tensor the engine used as ``base``.
+
+    Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves accuracy
+    without increasing inference time", ICML 2022.  MergeKit: ``linear``.
+    """
+    weights = weights.to(torch.float32)
+    total = float(weights.sum())
+    if normalize and total == 0.0:
+        raise ParameterError(
+            "linear: the model weights sum to 0, so normalize would divide by zero; "
+            "change the weights or set normalize: false"
+        )
+    k = deltas.shape[0]
+    n = base.numel()
+    rows = deltas.reshape(k, n)
+    base_flat = base.reshape(-1)
+    merged = torch.empty(n, dtype=torch.float32, device=base.device)
+    weight_list = weights.tolist()
+    for start, stop in chunk_ranges(n, base.device):
+        out = torch.mul(base_flat[start:stop], total, out=merged[start:stop])
+        for i, w in enumerate(weight_list):
+            out.add_(rows[i, start:stop], alpha=w)
+        if normalize:
+            out.div_(total)
+    return merged.reshape(base.shape)
