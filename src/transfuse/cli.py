@@ -151,5 +151,66 @@ def example(
     console.print(f"[green]wrote[/] {path}; now run: transfuse merge {path} merged")
 
 
+data_app = typer.Typer(help="Task suites: build or inspect TEXT-8.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("build")
+def data_build(
+    out_dir: Annotated[
+        Path | None, typer.Argument(help="Output dir (default: the package's committed prepared/text8 copy).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Download/extract cache (default: ~/.cache/transfuse/debian).")
+    ] = None,
+    package_root: Annotated[
+        Path | None, typer.Option(help="A tree with the Debian packages already extracted (skips apt-get).")
+    ] = None,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="Build only this task (repeatable).")
+    ] = None,
+) -> None:
+    """Rebuild the TEXT-8 prepared copy from its Debian packages (needs apt-get, dpkg-deb and `rdata`)."""
+    from transfuse.data import TEXT8_PREPARED_DIR, build_text8
+
+    try:
+        build_text8(
+            out_dir or TEXT8_PREPARED_DIR,
+            cache_dir=cache_dir,
+            package_root=package_root,
+            tasks=task or None,
+            log=console.print,
+        )
+    except TransfuseError as exc:
+        _fail(exc)
+
+
+@data_app.command("show")
+def data_show(
+    suite: Annotated[
+        str, typer.Argument(help="`text8`, a dir written by `data build`, or a CSV/JSONL file.")
+    ] = "text8",
+) -> None:
+    """Print a task suite's tasks, classes and split sizes."""
+    from transfuse.data import load_task_suite
+
+    try:
+        tasks = load_task_suite(suite)
+    except TransfuseError as exc:
+        _fail(exc)
+        return
+    table = Table("task", "classes", "train", "validation", "test", "licence")
+    for t in tasks:
+        table.add_row(
+            t.name,
+            str(len(t.label_names)),
+            str(len(t.train)),
+            str(len(t.validation)),
+            str(len(t.test)),
+            t.licence,
+        )
+    console.print(table)
+
+
 if __name__ == "__main__":
     app()
