@@ -199,17 +199,15 @@ def data_show(
     except TransfuseError as exc:
         _fail(exc)
         return
-    table = Table("task", "classes", "train", "validation", "test", "licence")
+    table = Table("task", "classes", "train", "validation", "test")
     for t in tasks:
         table.add_row(
-            t.name,
-            str(len(t.label_names)),
-            str(len(t.train)),
-            str(len(t.validation)),
-            str(len(t.test)),
-            t.licence,
+            t.name, str(len(t.label_names)), str(len(t.train)), str(len(t.validation)), str(len(t.test))
         )
     console.print(table)
+    console.print(
+        "provenance and licence per task: the suite's manifest.json (Task.provenance, Task.licence)"
+    )
 
 
 if __name__ == "__main__":

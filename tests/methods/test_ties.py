@@ -238,6 +238,13 @@ def test_ties_multi_chunk_matches_reference(small_chunks, kind):
     assert int(torch.count_nonzero(single)) == min(int(0.3 * n), int(torch.count_nonzero(deltas[0])))
 
 
+def test_thread_count_restored(small_chunks):
+    before = torch.get_num_threads()
+    base, deltas = quantised((4100,), 2, seed=4)
+    run("ties", base, deltas, [1.0, 1.0], density=0.5)
+    assert torch.get_num_threads() == before
+
+
 def test_params_and_validation():
     spec = get_method("ties")
     assert spec.mergekit_name == "ties" and "2306.01708" in spec.paper

@@ -4,8 +4,7 @@ Every sparsifier works IN PLACE on one task vector (a row of the engine's ``delt
 MergeKit 0.1.5's rules for how many entries survive.  None of them sorts the whole tensor for a top-k:
 ``magnitude_thresholds`` finds the exact threshold from a sample bracket plus ``kthvalue`` on the few
 candidates inside it.  Full-tensor passes run in cache-sized chunks (``CHUNK`` entries) with reused
-buffers: streaming a 50M-entry tensor through one fused chunk loop is several times faster than a chain
-of whole-tensor ops, each of which re-reads DRAM and page-faults a fresh temporary.
+buffers (see "Chunked passes" below).
 
 Tie rule for every magnitude mask here: entries are ordered by magnitude, and among equal magnitudes the
 LOWER flat index counts as larger.  So a top-k keeps the lowest-index entries of a tied group, and an
@@ -15,9 +14,11 @@ sort yields.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -94,9 +95,17 @@ def per_model_values(values: Tensor) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Chunked passes and exact magnitude thresholds.
+# Chunked passes.
 #
-# Masks are applied with float ops only (hardshrink, threshold, relu, multiply by a 0/1 float): on CPU a
+# Every full-tensor pass runs over cache-sized chunks with reused scratch buffers: one fused chunk loop
+# instead of a chain of whole-tensor ops, each of which re-reads DRAM and page-faults a fresh temporary
+# (5-6x faster per pass).  The chunk ops run with ONE intra-op thread: a chunk loop issues thousands of
+# small ops, and with 2 OpenMP threads on a loaded 2-core machine every op's barrier waits for a descheduled
+# thread (measured 5-30x slower than one thread; on an idle machine 2 threads gain only ~1.3x because the
+# passes are memory-bound).  A pool of single-threaded chunk workers fared no better under load (GIL hand-offs
+# stall the same way).  ``Workspace.map`` is the one place to change that policy.
+#
+# Masks are applied with float ops only (hardshrink, threshold, clamp, multiply by a 0/1 float): on CPU a
 # boolean-output comparison or ``masked_fill_`` costs 1-5 ns per entry, a float op 0.1-0.2 ns.
 
 CHUNK = 1 << 19  # entries per chunk on CPU: 2 MiB of float32, cache-resident (L2/L3) with its scratch buffers
@@ -105,31 +114,51 @@ _SAMPLE = 1 << 16
 _SAMPLE_SEED = 0x5EED  # fixed: thresholds never depend on any caller's random state
 _BRACKET_SIGMAS = 6.0
 
+T = TypeVar("T")
+
+
+def chunk_ranges(numel: int, device: torch.device | str = "cpu") -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive chunks covering ``range(numel)`` (chunk length by device)."""
+    size = CHUNK if torch.device(device).type == "cpu" else _DEVICE_CHUNK
+    return [(start, min(start + size, numel)) for start in range(0, numel, size)]
+
+
+class Scratch:
+    """Three chunk-sized float32 buffers."""
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.a = torch.empty(size, dtype=torch.float32, device=device)
+        self.b = torch.empty(size, dtype=torch.float32, device=device)
+        self.c = torch.empty(size, dtype=torch.float32, device=device)
+
 
 class Workspace:
-    """Chunk-sized scratch buffers, reused across chunks, models and steps of one tensor's merge.
-
-    ``chunk`` is the chunk length every pass over this tensor uses (tie bookkeeping relies on it).
-    """
+    """The chunking of one tensor of ``numel`` entries and the scratch buffers its passes reuse."""
 
     def __init__(self, numel: int, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
-        self.chunk = CHUNK if self.device.type == "cpu" else _DEVICE_CHUNK
-        size = max(1, min(numel, self.chunk))
-        self.a = torch.empty(size, dtype=torch.float32, device=self.device)
-        self.b = torch.empty(size, dtype=torch.float32, device=self.device)
-        self.c = torch.empty(size, dtype=torch.float32, device=self.device)
+        self.ranges = chunk_ranges(numel, self.device)
+        size = max(1, min(numel, CHUNK if self.device.type == "cpu" else _DEVICE_CHUNK))
+        self.scratch = Scratch(size, self.device)
 
-    def chunks(self, numel: int) -> Iterator[tuple[int, int]]:
-        """``(start, stop)`` of consecutive chunks covering ``range(numel)``."""
-        return chunk_ranges(numel, self.device)
+    def map(self, fn: Callable[[int, int, int, Scratch], T]) -> list[T]:
+        """``[fn(c, start, stop, scratch) for each chunk c]``, results in chunk order."""
+        with single_threaded(self.device):
+            return [fn(c, start, stop, self.scratch) for c, (start, stop) in enumerate(self.ranges)]
 
 
-def chunk_ranges(numel: int, device: torch.device | str = "cpu") -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` of consecutive chunks covering ``range(numel)`` (chunk length by device)."""
-    size = CHUNK if torch.device(device).type == "cpu" else _DEVICE_CHUNK
-    for start in range(0, numel, size):
-        yield start, min(start + size, numel)
+@contextmanager
+def single_threaded(device: torch.device) -> Iterator[None]:
+    """Run the enclosed CPU ops with one intra-op thread (see the note above); the count is restored."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _below(value: float) -> float:
@@ -140,6 +169,10 @@ def _below(value: float) -> float:
 def _above(value: float) -> float:
     """The smallest float32 above ``value``."""
     return float(np.nextafter(np.float32(value), np.float32(np.inf)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Exact magnitude thresholds.
 
 
 class Threshold(NamedTuple):
@@ -162,12 +195,12 @@ def magnitude_thresholds(
 
     Also returns ``sum |x|`` (float64) if ``l1``, else 0.
 
-    A random sample of ``|x|`` (fixed seed) estimates each ``k/n`` quantile.  One pass counts the entries
-    above a +/- 6 sigma bracket around it and gathers the (~2%) entries inside; ``kthvalue`` runs on those
-    candidates only.  Values that fill a large share of the bracket (bf16 deltas are coarsely quantised:
-    one magnitude can hold 20% of a tensor) are counted instead of gathered, and zeros always are.  If a
-    bracket misses (probability ~1e-9, or adversarial data) that ``k`` falls back to ``kthvalue`` over all
-    entries.  Tensors of at most one chunk use ``kthvalue`` directly.
+    A stratified sample of ``|x|`` (fixed seed) estimates each ``k/n`` quantile.  One pass counts the
+    entries above a +/- 6 sigma bracket around it and gathers the (~2%) entries inside; ``kthvalue`` runs on
+    those candidates only.  Values that fill a large share of the bracket (bf16 deltas are coarsely
+    quantised: one magnitude can hold 20% of a tensor) are counted instead of gathered, and zeros always
+    are.  If a bracket misses (probability ~1e-9, or adversarial data) that ``k`` falls back to ``kthvalue``
+    over all entries.  Tensors of one chunk use ``kthvalue`` directly.
     """
     flat = x.reshape(-1)
     n = flat.numel()
@@ -175,39 +208,37 @@ def magnitude_thresholds(
         if not 1 <= k <= n:
             raise ValueError(f"k={k} out of range for {n} entries")
     ws = ws if ws is not None else Workspace(n, x.device)
-    if n <= ws.chunk:
-        a = torch.abs(flat, out=ws.a[:n])
-        total = float(a.sum(dtype=torch.float64)) if l1 else 0.0
-        found = []
-        for k in ks:
-            t = a.kthvalue(n - k + 1).values.item()
-            greater = int(torch.gt(a, t, out=ws.b[:n]).sum())
-            ties = int(torch.eq(a, t, out=ws.b[:n]).sum())
-            found.append(Threshold(t, k - greater, ties, [ties]))
+    if len(ws.ranges) == 1:
+        with single_threaded(ws.device):
+            a = torch.abs(flat, out=ws.scratch.a[:n])
+            total = float(a.sum(dtype=torch.float64)) if l1 else 0.0
+            found = []
+            for k in ks:
+                t = a.kthvalue(n - k + 1).values.item()
+                greater = int(torch.gt(a, t, out=ws.scratch.b[:n]).sum())
+                ties = int(torch.eq(a, t, out=ws.scratch.b[:n]).sum())
+                found.append(Threshold(t, k - greater, ties, [ties]))
         return found, total
 
     gen = torch.Generator().manual_seed(_SAMPLE_SEED)
-    # Stratified sample (one random entry per 1/_SAMPLE of the tensor): lower variance than i.i.d. draws,
-    # and ascending addresses instead of cache-missing random gathers.
+    # One random entry per 1/_SAMPLE of the tensor: lower variance than i.i.d. draws, and ascending
+    # addresses instead of cache-missing random gathers.
     starts = torch.arange(_SAMPLE + 1, dtype=torch.int64) * n // _SAMPLE
     widths = (starts[1:] - starts[:-1]).to(torch.float64)
     offsets = (torch.rand(_SAMPLE, generator=gen, dtype=torch.float64) * widths).long()
     sample = flat[(starts[:-1] + offsets).to(flat.device)].abs_()
     brackets = [_bracket(sample, k / n) for k in ks]
 
-    above = [0] * len(ks)
-    heavy_counts = [[[] for _ in heavy] for _, _, heavy in brackets]  # [bracket][heavy value][chunk]
-    parts: list[list[Tensor]] = [[] for _ in ks]
-    total = 0.0
-    for start, stop in ws.chunks(n):
+    def scan(
+        c: int, start: int, stop: int, s: Scratch
+    ) -> tuple[float, list[int], list[list[int]], list[Tensor]]:
         size = stop - start
-        a = torch.abs(flat[start:stop], out=ws.a[:size])
-        if l1:
-            total += float(a.sum(dtype=torch.float64))
-        f, g = ws.b[:size], ws.c[:size]
-        for b, (lo, hi, heavy) in enumerate(brackets):
-            if hi is not None:
-                above[b] += int(torch.gt(a, hi, out=f).sum())
+        a = torch.abs(flat[start:stop], out=s.a[:size])
+        chunk_l1 = float(a.sum(dtype=torch.float64)) if l1 else 0.0
+        f, g = s.b[:size], s.c[:size]
+        above, heavy_counts, parts = [], [], []
+        for lo, hi, heavy in brackets:
+            above.append(int(torch.gt(a, hi, out=f).sum()) if hi is not None else 0)
             if lo is not None:
                 torch.hardshrink(a, _below(lo), out=f)  # a where a >= lo, else 0
             else:
@@ -215,18 +246,26 @@ def magnitude_thresholds(
             if hi is not None:
                 f.neg_()
                 torch.threshold_(f, -_above(hi), 0.0)  # -a where a <= hi, else 0
-            for h, value in enumerate(heavy):
+            counts = []
+            for value in heavy:
                 if value == 0.0:
-                    heavy_counts[b][h].append(size - int(torch.count_nonzero(a)))
+                    counts.append(size - int(torch.count_nonzero(a)))
                     continue
-                heavy_counts[b][h].append(int(torch.eq(a, value, out=g).sum()))
+                counts.append(int(torch.eq(a, value, out=g).sum()))
                 f.addcmul_(f, g, value=-1.0)  # f - f*[a == value]: leave the heavy value out of the pool
-            parts[b].append(a.index_select(0, torch.nonzero(f).reshape(-1)))  # zeros never enter the pool
+            heavy_counts.append(counts)
+            parts.append(a.index_select(0, torch.nonzero(f).reshape(-1)))  # zeros never enter the pool
+        return chunk_l1, above, heavy_counts, parts
 
+    per_chunk = ws.map(scan)
+    total = sum(r[0] for r in per_chunk)  # summed in chunk order: independent of the worker count
     found = []
     for b, k in enumerate(ks):
+        above = sum(r[1][b] for r in per_chunk)
         heavy = brackets[b][2]
-        resolved = _resolve(k - above[b], parts[b], heavy, heavy_counts[b])
+        heavy_counts = [[r[2][b][h] for r in per_chunk] for h in range(len(heavy))]
+        parts = [r[3][b] for r in per_chunk]
+        resolved = _resolve(k - above, parts, heavy, heavy_counts)
         found.append(resolved if resolved is not None else _exact_chunked(flat, k, ws))
     return found, total
 
@@ -292,20 +331,25 @@ def _exact_chunked(flat: Tensor, k: int, ws: Workspace) -> Threshold:
     t = magnitudes.kthvalue(n - k + 1).values.item()
     greater = int(torch.gt(magnitudes, t).sum())
     del magnitudes
-    per_chunk = []
-    for start, stop in ws.chunks(n):
-        a = torch.abs(flat[start:stop], out=ws.a[: stop - start])
-        per_chunk.append(int(torch.eq(a, t, out=ws.b[: stop - start]).sum()))
+
+    def count(c: int, start: int, stop: int, s: Scratch) -> int:
+        a = torch.abs(flat[start:stop], out=s.a[: stop - start])
+        return int(torch.eq(a, t, out=s.b[: stop - start]).sum())
+
+    per_chunk = ws.map(count)
     return Threshold(t, k - greater, sum(per_chunk), per_chunk)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Applying magnitude masks.
+
+
 def _zero_tie_ordinals_(
-    chunk: Tensor, value: float, first_ordinal: int, drop: Callable[[Tensor], Tensor], ws: Workspace
+    chunk: Tensor, value: float, first_ordinal: int, drop: Callable[[Tensor], Tensor], s: Scratch
 ) -> None:
     """In ``chunk``, zero the entries with ``|x| == value`` whose tie ordinal (counted across chunks from
     ``first_ordinal``, in index order) satisfies ``drop(ordinals)``."""
-    size = chunk.numel()
-    a = torch.abs(chunk, out=ws.c[:size])
+    a = torch.abs(chunk, out=s.c[: chunk.numel()])
     positions = torch.nonzero(a == value).reshape(-1)
     ordinals = torch.arange(first_ordinal, first_ordinal + positions.numel(), device=chunk.device)
     chunk[positions[drop(ordinals)]] = 0.0
@@ -313,7 +357,7 @@ def _zero_tie_ordinals_(
 
 class Band:
     """Zeroes the entries outside the top ``k_keep`` magnitudes (``keep_top``) and inside the top ``k_drop``
-    (``drop_top``; ``k_drop < k_keep``), one chunk at a time, in chunk order.
+    (``drop_top``; ``k_drop < k_keep``), one chunk at a time, in any chunk order.
 
     Ties at a threshold follow index order (lower index = larger).  Chunks wholly before or after a tie
     boundary need one ``hardshrink`` (its threshold nudged by one float32 ulp keeps or drops the ties);
@@ -331,33 +375,33 @@ class Band:
         self.hi_drop = (
             drop_top.ties_in_top if drop_top is not None and not same and (self.hi_v or 0) > 0 else 0
         )
-        self.lo_seen = self.hi_seen = 0
+        # first tie ordinal in each chunk
+        self.lo_start = (
+            list(itertools.accumulate(keep_top.chunk_ties, initial=0)) if self.lo_v is not None else []
+        )
+        self.hi_start = list(itertools.accumulate(drop_top.chunk_ties, initial=0)) if self.hi_drop else []
 
-    def apply(self, c: int, chunk: Tensor, ws: Workspace) -> None:
-        """Apply the band to ``chunk``, the ``c``-th chunk (chunks must come in order 0, 1, ...)."""
-        if self.lo_v is not None and self.keep_top is not None:
+    def apply(self, c: int, chunk: Tensor, s: Scratch) -> None:
+        """Apply the band to ``chunk``, the ``c``-th chunk."""
+        if self.lo_v is not None:
             lo_v, first, end = self.lo_v, self.lo_first, self.lo_end
-            count = self.keep_top.chunk_ties[c]
-            s = self.lo_seen
-            e = self.lo_seen = s + count
-            disjoint = count > 0 and (e <= first or s >= end)
+            start, stop = self.lo_start[c], self.lo_start[c + 1]
+            disjoint = stop > start and (stop <= first or start >= end)
             # hardshrink keeps |x| > lambd: _below(lo_v) keeps the ties at lo_v, lo_v drops them
             torch.hardshrink(chunk, lo_v if disjoint else _below(lo_v), out=chunk)
-            if count > 0 and not disjoint and not (s >= first and e <= end):
-                _zero_tie_ordinals_(chunk, lo_v, s, lambda o: (o < first) | (o >= end), ws)
+            if stop > start and not disjoint and not (start >= first and stop <= end):
+                _zero_tie_ordinals_(chunk, lo_v, start, lambda o: (o < first) | (o >= end), s)
         if self.hi_v is not None:
             hi_v, hi_drop = self.hi_v, self.hi_drop
             if hi_v == 0:
                 chunk.zero_()  # the top k_drop holds every nonzero entry
                 return
-            count = self.drop_top.chunk_ties[c] if hi_drop and self.drop_top is not None else 0
-            s = self.hi_seen
-            e = self.hi_seen = s + count
+            start, stop = (self.hi_start[c], self.hi_start[c + 1]) if hi_drop else (0, 0)
             # chunk - hardshrink(chunk, lambd) zeros |x| > lambd and leaves the rest exactly
-            lambd = _below(hi_v) if count > 0 and e <= hi_drop else hi_v
-            chunk.sub_(torch.hardshrink(chunk, lambd, out=ws.b[: chunk.numel()]))
-            if count > 0 and s < hi_drop < e:
-                _zero_tie_ordinals_(chunk, hi_v, s, lambda o: o < hi_drop, ws)
+            lambd = _below(hi_v) if stop > start and stop <= hi_drop else hi_v
+            chunk.sub_(torch.hardshrink(chunk, lambd, out=s.b[: chunk.numel()]))
+            if start < hi_drop < stop:
+                _zero_tie_ordinals_(chunk, hi_v, start, lambda o: o < hi_drop, s)
 
 
 def keep_band_(
@@ -366,22 +410,25 @@ def keep_band_(
     """Apply ``Band(keep_top, drop_top)`` to all of ``x`` in place; return ``sum |result|`` if ``l1``."""
     flat = x.reshape(-1)
     band = Band(keep_top, drop_top)
-    total = 0.0
-    for c, (start, stop) in enumerate(ws.chunks(flat.numel())):
+
+    def apply(c: int, start: int, stop: int, s: Scratch) -> float:
         chunk = flat[start:stop]
-        band.apply(c, chunk, ws)
-        if l1:
-            total += float(torch.abs(chunk, out=ws.a[: stop - start]).sum(dtype=torch.float64))
-    return total
+        band.apply(c, chunk, s)
+        return float(torch.abs(chunk, out=s.a[: stop - start]).sum(dtype=torch.float64)) if l1 else 0.0
+
+    return sum(ws.map(apply))
 
 
 def l1_norm(x: Tensor, ws: Workspace) -> float:
-    """``sum |x|`` in float64, chunk by chunk."""
+    """``sum |x|`` in float64, chunk by chunk (summed in chunk order)."""
     flat = x.reshape(-1)
-    total = 0.0
-    for start, stop in ws.chunks(flat.numel()):
-        total += float(torch.abs(flat[start:stop], out=ws.a[: stop - start]).sum(dtype=torch.float64))
-    return total
+    return sum(
+        ws.map(
+            lambda c, start, stop, s: float(
+                torch.abs(flat[start:stop], out=s.a[: stop - start]).sum(dtype=torch.float64)
+            )
+        )
+    )
 
 
 def l1_rescale_(x: Tensor, before: float, after: float) -> None:
@@ -464,20 +511,17 @@ def random_(
         return
     flat = delta.reshape(-1)
     l1 = rescale and rescale_mode == "l1"
-    before = after = 0.0
-    for start, stop in ws.chunks(flat.numel()):
-        size = stop - start
-        chunk = flat[start:stop]
-        if l1:
-            before += float(torch.abs(chunk, out=ws.a[:size]).sum(dtype=torch.float64))
-        keep = torch.lt(ws.b[:size].uniform_(generator=generator), density, out=ws.c[:size])
-        chunk.mul_(keep)  # like MergeKit's tensor * mask (dropped negatives become -0.0)
-        if l1:
-            after += float(torch.abs(chunk, out=ws.a[:size]).sum(dtype=torch.float64))
+    before = l1_norm(delta, ws) if l1 else 0.0
+    s = ws.scratch
+    with single_threaded(ws.device):
+        for start, stop in ws.ranges:
+            size = stop - start
+            keep = torch.lt(s.b[:size].uniform_(generator=generator), density, out=s.c[:size])
+            flat[start:stop].mul_(keep)  # like MergeKit's tensor * mask (dropped negatives become -0.0)
     if not rescale or density <= 0:
         return
     if l1:
-        l1_rescale_(delta, before, after)
+        l1_rescale_(delta, before, l1_norm(delta, ws))
     else:
         delta.div_(density)
 
@@ -516,10 +560,8 @@ def della_magprune_(
     order = rows.abs().argsort(dim=-1, descending=True, stable=True)
     if length > 1:
         # Same float32 arithmetic as MergeKit so that probabilities (and hence masks) agree bit for bit.
-        rank_norm = torch.arange(length - 1, -1, -1, dtype=torch.float32, device=delta.device) / float(
-            length - 1
-        )
-        rank_norm = rank_norm.clamp(0, 1)
+        positions = torch.arange(length - 1, -1, -1, dtype=torch.float32, device=delta.device)
+        rank_norm = (positions / float(length - 1)).clamp(0, 1)
         by_position = rank_norm * 2 * epsilon + (density - epsilon)
     else:
         by_position = torch.full((length,), density, dtype=torch.float32, device=delta.device)
@@ -528,9 +570,9 @@ def della_magprune_(
     probs = probs.movedim(-1, 1).reshape(delta.shape)
     l1 = rescale and rescale_mode == "l1"
     before = l1_norm(delta, ws) if l1 else 0.0
-    delta.mul_(
-        torch.rand(delta.shape, generator=generator, device=delta.device).lt_(probs)
-    )  # = torch.bernoulli(probs)
+    keep = torch.rand(delta.shape, generator=generator, device=delta.device).lt_(probs)  # = bernoulli(probs)
+    delta.mul_(keep)
+    del keep
     if not rescale:
         return
     if l1:
@@ -587,23 +629,29 @@ def merge_task_vectors(
         total_weight = weights.sum()
         scalar_divisor = total_weight if total_weight.abs() >= 1e-8 else torch.ones_like(total_weight)
     weighted_first = sign_election == "weighted"
+    zero_plus = True
     if consensus and not weighted_first:
-        for i, band in enumerate(bands):  # the majority count needs the sparsified rows first
-            if band is not None:
-                for c, (start, stop) in enumerate(ws.chunks(n)):
-                    band.apply(c, rows[i, start:stop], ws)
+        pending = [(i, band) for i, band in enumerate(bands) if band is not None]
+        if pending:  # the majority count needs the sparsified rows first
+
+            def apply(c: int, start: int, stop: int, s: Scratch) -> None:
+                for i, band in pending:
+                    band.apply(c, rows[i, start:stop], s)
+
+            ws.map(apply)
         bands = [None] * k
-    zero_plus = _majority_plus(rows, ws) if consensus and not weighted_first else True
+        zero_plus = _majority_plus(rows, ws)
 
     merged = torch.empty(n, dtype=torch.float32, device=base.device)
     base_flat = base.reshape(-1)
-    for c, (start, stop) in enumerate(ws.chunks(n)):
+
+    def combine(c: int, start: int, stop: int, s: Scratch) -> None:
         size = stop - start
         block = rows[:, start:stop]
         out = merged[start:stop]
         for i, band in enumerate(bands):
             if band is not None:
-                band.apply(c, block[i], ws)
+                band.apply(c, block[i], s)
         if not consensus:
             if not unit_weights:
                 block.mul_(w_col)
@@ -613,18 +661,18 @@ def merge_task_vectors(
         else:
             if weighted_first and not unit_weights:
                 block.mul_(w_col)
-            plus = torch.sum(block, dim=0, out=ws.a[:size])
+            plus = torch.sum(block, dim=0, out=s.a[:size])
             (torch.ge if zero_plus else torch.gt)(plus, 0, out=plus)  # 1.0 where + is elected, else 0.0
             # clamp(x, low, high) keeps x where its sign is the elected one and gives 0 elsewhere, exactly:
             # + elected: [0, BIG]; - elected: [-BIG, 0].
-            high = torch.mul(plus, _BIG, out=ws.b[:size])
-            low = torch.sub(high, _BIG, out=ws.c[:size])
+            high = torch.mul(plus, _BIG, out=s.b[:size])
+            low = torch.sub(high, _BIG, out=s.c[:size])
             for i in range(k):
                 torch.clamp(block[i], min=low, max=high, out=block[i])
             divisor = None
             if normalize:
-                divisor = ws.a[:size].zero_()  # plus is no longer needed
-                flag = ws.b[:size]  # nor is high
+                divisor = s.a[:size].zero_()  # plus is no longer needed
+                flag = s.b[:size]  # nor is high
                 for i, w in enumerate(weight_list):
                     # an entry that survived (nonzero) is exactly an agreeing one
                     divisor.add_(torch.ne(block[i], 0, out=flag), alpha=w)
@@ -637,18 +685,21 @@ def merge_task_vectors(
         if lambda_ != 1:
             out.mul_(lambda_)
         out.add_(base_flat[start:stop])
+
+    ws.map(combine)
     return merged.reshape(base.shape)
 
 
 def _majority_plus(rows: Tensor, ws: Workspace) -> bool:
     """Whether at least as many entries have a positive as a negative unweighted sum (original TIES)."""
-    plus = minus = 0
-    for start, stop in ws.chunks(rows.shape[1]):
+
+    def count(c: int, start: int, stop: int, s: Scratch) -> tuple[int, int]:
         size = stop - start
-        total = torch.sum(rows[:, start:stop], dim=0, out=ws.a[:size])
-        plus += int(torch.gt(total, 0, out=ws.b[:size]).sum())
-        minus += int(torch.lt(total, 0, out=ws.b[:size]).sum())
-    return plus >= minus
+        total = torch.sum(rows[:, start:stop], dim=0, out=s.a[:size])
+        return int(torch.gt(total, 0, out=s.b[:size]).sum()), int(torch.lt(total, 0, out=s.b[:size]).sum())
+
+    counts = ws.map(count)
+    return sum(p for p, _ in counts) >= sum(m for _, m in counts)
 
 
 def sparsifier_for(

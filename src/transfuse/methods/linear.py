@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from transfuse.errors import ParameterError
-from transfuse.methods._sparsify import NORMALIZE_TRUE, chunk_ranges
+from transfuse.methods._sparsify import NORMALIZE_TRUE, Scratch, Workspace
 from transfuse.methods.registry import register
 
 
@@ -39,10 +39,13 @@ def linear(base: Tensor, deltas: Tensor, weights: Tensor, *, normalize: bool) ->
     base_flat = base.reshape(-1)
     merged = torch.empty(n, dtype=torch.float32, device=base.device)
     weight_list = weights.tolist()
-    for start, stop in chunk_ranges(n, base.device):
+
+    def combine(c: int, start: int, stop: int, s: Scratch) -> None:
         out = torch.mul(base_flat[start:stop], total, out=merged[start:stop])
         for i, w in enumerate(weight_list):
             out.add_(rows[i, start:stop], alpha=w)
         if normalize:
             out.div_(total)
+
+    Workspace(n, base.device).map(combine)
     return merged.reshape(base.shape)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from transfuse.methods._sparsify import LAMBDA, Workspace
+from transfuse.methods._sparsify import LAMBDA, Scratch, Workspace
 from transfuse.methods.registry import register
 
 
@@ -30,20 +30,21 @@ def magmax(base: Tensor, deltas: Tensor, weights: Tensor, *, lambda_: float) -> 
     weight_list = weights.to(torch.float32).tolist()
     merged = torch.empty(n, dtype=torch.float32, device=base.device)
     base_flat = base.reshape(-1)
-    ws = Workspace(n, base.device)
-    for start, stop in ws.chunks(n):
+
+    def select(c: int, start: int, stop: int, s: Scratch) -> None:
         size = stop - start
-        out = merged[start:stop]
-        torch.mul(rows[0, start:stop], weight_list[0], out=out)
-        best = torch.abs(out, out=ws.a[:size])
+        out = torch.mul(rows[0, start:stop], weight_list[0], out=merged[start:stop])
+        best = torch.abs(out, out=s.a[:size])
         for i in range(1, k):
             candidate = rows[i, start:stop].mul_(weight_list[i])
-            magnitude = torch.abs(candidate, out=ws.b[:size])
-            better = torch.gt(magnitude, best, out=ws.c[:size])  # 1.0/0.0; strict: a tie keeps the earlier
+            magnitude = torch.abs(candidate, out=s.b[:size])
+            better = torch.gt(magnitude, best, out=s.c[:size])  # 1.0/0.0; strict: a tie keeps the earlier
             torch.maximum(best, magnitude, out=best)
             # out*(1-m) + candidate*m selects exactly (x*1 + y*0 = x for finite values); float ops only
             out.mul_(better.neg().add_(1)).addcmul_(candidate, better)
         if lambda_ != 1:
             out.mul_(lambda_)
         out.add_(base_flat[start:stop])
+
+    Workspace(n, base.device).map(select)
     return merged.reshape(base.shape)
