@@ -147,11 +147,15 @@ class Workspace:
             return [fn(c, start, stop, self.scratch) for c, (start, stop) in enumerate(self.ranges)]
 
 
+#: Intra-op threads for chunk loops: None = PyTorch's current setting, 1 = single-threaded (see above).
+CHUNK_THREADS: int | None = 1
+
+
 @contextmanager
 def single_threaded(device: torch.device) -> Iterator[None]:
     """Run the enclosed CPU ops with one intra-op thread (see the note above); the count is restored."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if device.type != "cpu" or threads == 1 or CHUNK_THREADS is None:
         yield
         return
     torch.set_num_threads(1)
@@ -609,6 +613,23 @@ def merge_task_vectors(
     ``sign_election="unweighted"`` elects on ``sum_i tau_i`` and breaks zero sums by the tensor's majority
     elected sign (original TIES code); weights then apply to the kept entries only.
     """
+    # one intra-op thread for the whole merge: toggling it per pass costs more than it saves
+    with single_threaded(base.device):
+        return _merge_task_vectors(
+            base, deltas, weights, sparsify, consensus, normalize, lambda_, sign_election
+        )
+
+
+def _merge_task_vectors(
+    base: Tensor,
+    deltas: Tensor,
+    weights: Tensor,
+    sparsify: Sparsifier | None,
+    consensus: bool,
+    normalize: bool,
+    lambda_: float,
+    sign_election: str,
+) -> Tensor:
     if not deltas.is_contiguous():
         deltas = deltas.contiguous()
     k = deltas.shape[0]
