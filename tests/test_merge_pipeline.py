@@ -240,3 +240,20 @@ def test_cli_bad_recipe_is_a_clean_error(tmp_path):
     result = CliRunner().invoke(app, ["merge", str(path), str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "RecipeError" in result.output and "foo" in result.output
+
+
+def test_chunked_loading_matches_and_still_finds_nan(files, tmp_path, monkeypatch):
+    import transfuse.engine as engine
+
+    recipe = write_recipe(tmp_path, files, method="ties", parameters={"density": 0.5})
+    transfuse.merge(recipe, tmp_path / "whole", progress=False)
+    monkeypatch.setattr(engine, "LOAD_CHUNK", 3)  # every tensor spans several chunks
+    transfuse.merge(recipe, tmp_path / "chunked", progress=False)
+    assert (tmp_path / "whole" / "model.safetensors").read_bytes() == (
+        tmp_path / "chunked" / "model.safetensors"
+    ).read_bytes()
+    bad = load_file(files["base"])
+    bad["layers.0.w"][3, 3] = float("inf")  # in the last chunk
+    save_file(bad, files["base"])
+    with pytest.raises(NonFiniteTensorError, match=r"layers\.0\.w.*of the base"):
+        transfuse.merge(recipe, tmp_path / "o", progress=False)
