@@ -1,0 +1,342 @@
+"""Merge a set of experts with every data-free method, tune each method's main knob on validation, score on test.
+
+For each method: merge the experts' encoders with :func:`transfuse.merge_state_dicts` (base = the pretrained
+backbone) at the method's default parameters and, with ``grid=True``, at each point of a small grid; evaluate
+every candidate on `split_for_choice` (validation) through the experts' own heads; keep the one with the best
+mean accuracy (ties: the earlier candidate, defaults first); report that one on the test split.
+
+Default grids (:data:`DEFAULT_GRIDS`; override per method with ``grids=``):
+
+==========================================  =====================================================================
+methods                                     grid
+==========================================  =====================================================================
+task_arithmetic                             lambda 0.1, 0.2, 0.3, 0.5, 0.7, 1.0
+magmax, consensus                           lambda 0.2, 0.3, 0.5, 0.7, 1.0
+ties                                        density 0.1, 0.2, 0.3, 0.5, 0.7 (normalized: the scale is kept)
+della                                       density 0.3, 0.5, 0.7 (density +/- epsilon must stay in (0, 1))
+pcb                                         density 0.05, 0.1, 0.2, 0.4
+dare_linear, dare_ties, breadcrumbs,        density 0.2, 0.5, 0.8 x lambda 0.3, 1.0: these SUM the K sparsified
+breadcrumbs_ties, della_linear              task vectors (normalize=false), so their scale needs tuning too
+tsv                                         alpha 0.5, 0.75, 1.0, 1.25, 1.5
+iso_c, iso_cts                              alpha 0.5, 1.0, 1.5, 2.0
+slerp                                       t 0.25, 0.5, 0.75 (only with exactly one expert)
+linear, model_stock                         none (defaults only)
+any other method                            its first of lambda / density / alpha / t, three values
+==========================================  =====================================================================
+
+A method whose arity does not admit K experts (``min_models``/``max_models``) is skipped, with the reason in
+``result["skipped"]``; a candidate whose merge fails records its error and the others go on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from transfuse.data.task import Task, TaskSuite
+from transfuse.errors import TransfuseError
+from transfuse.eval.harness import EvaluationError, evaluate
+from transfuse.eval.metrics import gain_retained, mean_accuracy, normalized_accuracy
+from transfuse.methods import available_methods, get_method
+from transfuse.methods.registry import MethodSpec
+from transfuse.models.backbone import Encoder
+from transfuse.models.head import TaskHead, load_heads
+
+_SUM_STYLE = {"density": (0.2, 0.5, 0.8), "lambda": (0.3, 1.0)}
+
+#: The knob(s) tuned per method: ``{method: {parameter: values}}``; the grid is their cross product.
+DEFAULT_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "task_arithmetic": {"lambda": (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)},
+    "magmax": {"lambda": (0.2, 0.3, 0.5, 0.7, 1.0)},
+    "consensus": {"lambda": (0.2, 0.3, 0.5, 0.7, 1.0)},
+    "ties": {"density": (0.1, 0.2, 0.3, 0.5, 0.7)},
+    "della": {"density": (0.3, 0.5, 0.7)},
+    "pcb": {"density": (0.05, 0.1, 0.2, 0.4)},
+    "dare_linear": _SUM_STYLE,
+    "dare_ties": _SUM_STYLE,
+    "breadcrumbs": _SUM_STYLE,
+    "breadcrumbs_ties": _SUM_STYLE,
+    "della_linear": _SUM_STYLE,
+    "tsv": {"alpha": (0.5, 0.75, 1.0, 1.25, 1.5)},
+    "iso_c": {"alpha": (0.5, 1.0, 1.5, 2.0)},
+    "iso_cts": {"alpha": (0.5, 1.0, 1.5, 2.0)},
+    "slerp": {"t": (0.25, 0.5, 0.75)},
+    "linear": {},
+    "model_stock": {},
+}
+
+#: For methods not in :data:`DEFAULT_GRIDS`: the first of these knobs the method has.
+FALLBACK_KNOBS: dict[str, tuple[float, ...]] = {
+    "lambda": (0.3, 0.5, 1.0),
+    "density": (0.2, 0.5, 0.8),
+    "alpha": (0.5, 1.0, 1.5),
+    "t": (0.25, 0.5, 0.75),
+}
+
+
+def method_grid(spec: MethodSpec, grids: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The grid points (parameter overrides) tried for `spec`, without the all-defaults point."""
+    if grids is not None and spec.name in grids:
+        table = grids[spec.name]
+    elif spec.name in DEFAULT_GRIDS:
+        table = DEFAULT_GRIDS[spec.name]
+    else:
+        names = {p.name for p in spec.params}
+        knob = next((k for k in FALLBACK_KNOBS if k in names), None)
+        table = {knob: FALLBACK_KNOBS[knob]} if knob else {}
+    if isinstance(table, Sequence) and not isinstance(table, str):
+        return [dict(point) for point in table]
+    keys = list(table)
+    return (
+        [dict(zip(keys, values)) for values in itertools.product(*(table[k] for k in keys))] if keys else []
+    )
+
+
+def run_method_sweep(
+    suite: TaskSuite | Sequence[Task],
+    experts: Mapping[str, Any] | Sequence[Any],
+    pretrained_state: Mapping[str, torch.Tensor] | str | Path,
+    methods: Sequence[str] | None = None,
+    *,
+    grid: bool = True,
+    grids: Mapping[str, Any] | None = None,
+    split_for_choice: str = "validation",
+    device: str = "cpu",
+    multitask: Any = None,
+    backbone_dir: str | Path | None = None,
+    batch_size: int = 64,
+    max_length: int = 48,
+    max_examples: int | None = None,
+    seed: int = 0,
+    keep_correct: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Merge the experts of `suite`'s tasks with each method, choose its parameters on validation, score on test.
+
+    - `experts`: ``{task: Expert | expert dir}`` or a sequence of them in suite order (one per task);
+    - `pretrained_state`: the backbone's state dict (or its directory): the base of every merge;
+    - `methods`: names (default: every registered data-free method);
+    - `grids`: ``{method: {param: values}}`` (cross product) or ``{method: [overrides, ...]}`` replacing
+      :data:`DEFAULT_GRIDS` for those methods; with ``grid=False`` only the defaults are merged;
+    - `multitask`: a multi-task model (Expert or directory) to add as a baseline;
+    - `backbone_dir`: architecture and tokenizer for merged state dicts (default: the first expert's dir).
+
+    Returns (JSON-serializable)::
+
+        {"tasks": [...], "split_for_choice": "validation", "num_experts": K,
+         "results": {method: {"per_task": {task: acc}, "mean": m, "normalized": n, "gain_retained": g,
+                              "params": {all parameters of the chosen merge}, "chosen_on": split,
+                              "candidates": [{"params": overrides, "validation_mean": v} | {..., "error": e}],
+                              "seconds": s}},
+         "skipped": {method: reason},
+         "baselines": {"pretrained" | "individual" | "multitask": {"per_task", "mean", "normalized",
+                                                                  "gain_retained"}},
+         "correct": {method or baseline: {task: [0/1 per test item]}}}   # with keep_correct
+
+    ``normalized`` is relative to the individual experts' test accuracies, ``gain_retained`` also to the
+    pretrained encoder's (see :mod:`transfuse.eval.metrics`).
+    """
+    tasks = list(suite)
+    names = [t.name for t in tasks]
+    expert_dirs = _expert_dirs(experts, names)
+    heads = _expert_heads(expert_dirs, device)
+    states = [Encoder.load(expert_dirs[n]).state_dict() for n in names]
+    architecture = backbone_dir if backbone_dir is not None else expert_dirs[names[0]]
+    if isinstance(pretrained_state, (str, Path)):
+        pretrained_state = Encoder.load(pretrained_state).state_dict()
+    # Only the experts' tensors: a raw checkpoint may carry extra buffers (e.g. embeddings.position_ids).
+    base = {k: v.detach().clone() for k, v in pretrained_state.items() if k in states[0]}
+    encoder = Encoder.from_state_dict(base, architecture, device=device)
+    eval_kwargs = dict(batch_size=batch_size, max_length=max_length, device=device, max_examples=max_examples)
+    log = _log if progress else (lambda *_: None)
+
+    def score(state: Mapping[str, torch.Tensor], split: str) -> Any:
+        encoder.load_state_dict(state)
+        return evaluate(encoder, heads, tasks, split=split, return_correct=True, **eval_kwargs)
+
+    correct: dict[str, dict[str, list[int]]] = {}
+
+    # ---- baselines ------------------------------------------------------------------------------------
+    pretrained_acc, pretrained_correct = score(base, "test")
+    individual_acc: dict[str, float] = {}
+    individual_correct: dict[str, np.ndarray] = {}
+    for name, state in zip(names, states):
+        encoder.load_state_dict(state)
+        acc, hits = evaluate(encoder, heads, [_task(tasks, name)], return_correct=True, **eval_kwargs)
+        individual_acc.update(acc)
+        individual_correct.update(hits)
+
+    def summary(per_task: Mapping[str, float]) -> dict[str, Any]:
+        return {
+            "per_task": dict(per_task),
+            "mean": mean_accuracy(per_task),
+            "normalized": normalized_accuracy(per_task, individual_acc),
+            "gain_retained": _finite(gain_retained(per_task, individual_acc, pretrained_acc)),
+        }
+
+    baselines = {"pretrained": summary(pretrained_acc), "individual": summary(individual_acc)}
+    correct["pretrained"] = _as_lists(pretrained_correct)
+    correct["individual"] = _as_lists(individual_correct)
+    if multitask is not None:
+        path = Path(getattr(multitask, "path", multitask))
+        mt_encoder = Encoder.load(path, device=device)
+        mt_heads = load_heads(path, device=device)
+        acc, hits = evaluate(mt_encoder, mt_heads, tasks, return_correct=True, **eval_kwargs)
+        baselines["multitask"] = summary(acc)
+        correct["multitask"] = _as_lists(hits)
+        del mt_encoder
+    log(
+        f"baselines: pretrained {baselines['pretrained']['mean']:.3f}, experts {baselines['individual']['mean']:.3f}"
+    )
+
+    # ---- methods --------------------------------------------------------------------------------------
+    specs = available_methods() if methods is None else [get_method(m) for m in methods]
+    k = len(names)
+    results: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    for spec in specs:
+        reason = _arity_problem(spec, k)
+        if reason is not None:
+            skipped[spec.name] = reason
+            log(f"{spec.name}: skipped ({reason})")
+            continue
+        start = time.perf_counter()
+        candidates: list[dict[str, Any]] = [{}]
+        if grid:
+            defaults = spec.defaults()
+            for point in method_grid(spec, grids):
+                same_as_defaults = all(defaults.get(name) == value for name, value in point.items())
+                if not same_as_defaults and point not in candidates:
+                    candidates.append(point)
+        tried: list[dict[str, Any]] = []
+        best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
+        for overrides in candidates:
+            try:
+                merged = _merge(spec, base, states, overrides, seed, device)
+            except (TransfuseError, ValueError, RuntimeError) as exc:
+                tried.append({"params": overrides, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            if len(candidates) == 1:  # nothing to choose: go straight to test
+                tried.append({"params": overrides})
+                best = (math.nan, overrides, merged)
+                break
+            acc, _ = score(merged, split_for_choice)
+            value = mean_accuracy(acc)
+            tried.append({"params": overrides, f"{_split_key(split_for_choice)}_mean": value})
+            if best is None or value > best[0]:
+                best = (value, overrides, merged)
+            del merged
+        if best is None:
+            skipped[spec.name] = "every merge failed: " + "; ".join(t["error"] for t in tried)
+            log(f"{spec.name}: failed")
+            continue
+        value, overrides, merged = best
+        acc, hits = score(merged, "test")
+        params = {k_: v for k_, v in spec.defaults().items() if k_ != "weight"}
+        params.update(overrides)
+        results[spec.name] = {
+            **summary(acc),
+            "params": params,
+            "overrides": overrides,
+            "chosen_on": split_for_choice if len(candidates) > 1 else "defaults (no grid)",
+            "candidates": tried,
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        correct[spec.name] = _as_lists(hits)
+        log(
+            f"{spec.name}: test mean {results[spec.name]['mean']:.3f} "
+            f"normalized {results[spec.name]['normalized']:.3f} with {overrides or 'defaults'}"
+        )
+        del merged, best
+
+    out: dict[str, Any] = {
+        "tasks": names,
+        "num_experts": k,
+        "split_for_choice": split_for_choice,
+        "results": results,
+        "skipped": skipped,
+        "baselines": baselines,
+    }
+    if keep_correct:
+        out["correct"] = correct
+    return out
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def _merge(
+    spec: MethodSpec,
+    base: Mapping[str, torch.Tensor],
+    states: list[dict[str, torch.Tensor]],
+    overrides: Mapping[str, Any],
+    seed: int,
+    device: str,
+) -> dict[str, torch.Tensor]:
+    from transfuse.api import merge_state_dicts
+
+    return merge_state_dicts(base, states, spec.name, seed=seed, device=device, **overrides)
+
+
+def _arity_problem(spec: MethodSpec, k: int) -> str | None:
+    if k < spec.min_models:
+        return f"{spec.name} needs at least {spec.min_models} models besides the base; there are {k} experts"
+    if spec.max_models is not None and k > spec.max_models:
+        exactly = "exactly" if spec.max_models == spec.min_models else "at most"
+        return f"{spec.name} merges {exactly} {spec.max_models} model(s) into the base; there are {k} experts"
+    return None
+
+
+def _expert_dirs(experts: Mapping[str, Any] | Sequence[Any], names: list[str]) -> dict[str, Path]:
+    if isinstance(experts, Mapping):
+        missing = [n for n in names if n not in experts]
+        if missing:
+            raise EvaluationError(f"no expert for tasks {missing}")
+        items = {n: experts[n] for n in names}
+    else:
+        items = list(experts)
+        if len(items) != len(names):
+            raise EvaluationError(f"{len(items)} experts for {len(names)} tasks")
+        items = dict(zip(names, items))
+    return {n: Path(getattr(e, "path", e)) for n, e in items.items()}
+
+
+def _expert_heads(dirs: Mapping[str, Path], device: str) -> dict[str, TaskHead]:
+    heads = {}
+    for name, path in dirs.items():
+        found = load_heads(path, device=device)
+        if name not in found:
+            raise EvaluationError(
+                f"the expert in {path} has no head for task {name!r} (it has {sorted(found)})"
+            )
+        heads[name] = found[name]
+    return heads
+
+
+def _task(tasks: list[Task], name: str) -> Task:
+    return next(t for t in tasks if t.name == name)
+
+
+def _as_lists(correct: Mapping[str, np.ndarray]) -> dict[str, list[int]]:
+    return {t: np.asarray(v, dtype=np.int8).tolist() for t, v in correct.items()}
+
+
+def _finite(x: float) -> float | None:
+    return None if math.isnan(x) else x
+
+
+def _split_key(split: str) -> str:
+    return "validation" if split in ("validation", "valid", "val", "dev") else split
+
+
+def _log(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).log(message)

@@ -1,0 +1,112 @@
+"""The method sweep on two tiny experts: its schema, its choice on validation, and its numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from transfuse import merge_state_dicts
+from transfuse.eval import evaluate, mean_accuracy, method_grid, normalized_accuracy, run_method_sweep
+from transfuse.methods import get_method
+from transfuse.models import Encoder
+from transfuse.train import train_experts, train_multitask
+
+FAST = dict(steps=20, batch_size=8, encoder_lr=3e-3, head_lr=3e-2, progress=False)
+GRIDS = {"task_arithmetic": {"lambda": [0.3, 1.0]}, "ties": [{"density": 0.5, "lambda": 0.8}]}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_backbone, suite, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    experts = train_experts(suite, cache, backbone_dir=tiny_backbone, **FAST)
+    multitask = train_multitask(
+        suite,
+        cache,
+        backbone_dir=tiny_backbone,
+        steps_per_task=20,
+        batch_size=8,
+        encoder_lr=3e-3,
+        head_lr=3e-2,
+        progress=False,
+    )
+    return experts, multitask
+
+
+def test_sweep_schema_and_choice(tiny_backbone, suite, trained):
+    experts, multitask = trained
+    base = Encoder.load(tiny_backbone).state_dict()
+    result = run_method_sweep(
+        suite,
+        experts,
+        base,
+        ["task_arithmetic", "ties", "slerp"],
+        grids=GRIDS,
+        multitask=multitask,
+        progress=False,
+    )
+    json.dumps(result)  # JSON-serializable as it is
+
+    assert result["tasks"] == ["colour", "animal"] and result["num_experts"] == 2
+    assert set(result["results"]) == {"task_arithmetic", "ties"}
+    assert "exactly 1" in result["skipped"]["slerp"]
+    assert set(result["baselines"]) == {"pretrained", "individual", "multitask"}
+
+    individual = result["baselines"]["individual"]["per_task"]
+    # the experts' own encoders score what they scored when trained
+    assert individual == pytest.approx({n: e.test_accuracy[n] for n, e in experts.items()}, abs=1e-6)
+    assert result["baselines"]["individual"]["normalized"] == pytest.approx(1.0)
+
+    for name, entry in result["results"].items():
+        assert set(entry["per_task"]) == {"colour", "animal"}
+        assert entry["mean"] == pytest.approx(mean_accuracy(entry["per_task"]))
+        assert entry["normalized"] == pytest.approx(normalized_accuracy(entry["per_task"], individual))
+        scored = [c for c in entry["candidates"] if "validation_mean" in c]
+        best = max(c["validation_mean"] for c in scored)
+        chosen = next(c for c in scored if c["validation_mean"] == best)  # first best wins ties
+        assert entry["overrides"] == chosen["params"]
+        assert entry["params"] == {
+            **{k: v for k, v in get_method(name).defaults().items() if k != "weight"},
+            **chosen["params"],
+        }
+        assert len(result["correct"][name]["colour"]) == len(suite["colour"].test)
+
+    ta = result["results"]["task_arithmetic"]
+    assert [c["params"] for c in ta["candidates"]] == [{}, {"lambda": 0.3}]  # lambda 1.0 is the default
+    # the reported test numbers are those of that merge, evaluated directly
+    states = [e.encoder_state_dict() for e in experts.values()]
+    merged = merge_state_dicts(base, states, "task_arithmetic", **ta["overrides"])
+    heads = {n: e.path for n, e in experts.items()}
+    assert evaluate(merged, heads, suite, backbone_dir=tiny_backbone) == ta["per_task"]
+
+
+def test_single_expert_sweep_runs_slerp_and_defaults_only(tiny_backbone, suite, trained):
+    experts, _ = trained
+    one = suite.select(["colour"])
+    base = {k: v.clone() for k, v in Encoder.load(tiny_backbone).state_dict().items()}
+    result = run_method_sweep(
+        one, [experts["colour"]], base, ["slerp", "model_stock", "linear"], progress=False
+    )
+    slerp = result["results"]["slerp"]
+    assert [c["params"] for c in slerp["candidates"]][1:] == [{"t": 0.25}, {"t": 0.5}, {"t": 0.75}]
+    assert "error" in slerp["candidates"][0]  # slerp has no default t
+    assert slerp["params"]["t"] in (0.25, 0.5, 0.75)
+    assert "at least 2" in result["skipped"]["model_stock"]
+    assert result["results"]["linear"]["chosen_on"] == "defaults (no grid)"
+    no_grid = run_method_sweep(
+        one, [experts["colour"]], base, ["task_arithmetic"], grid=False, progress=False
+    )
+    assert [c["params"] for c in no_grid["results"]["task_arithmetic"]["candidates"]] == [{}]
+    assert all(torch.equal(v, base[k]) for k, v in Encoder.load(tiny_backbone).state_dict().items())
+
+
+def test_default_grids_cover_every_method():
+    from transfuse.methods import available_methods
+
+    for spec in available_methods():
+        for point in method_grid(spec):
+            for name, value in point.items():
+                spec.param(name).validate(value)
+    assert method_grid(get_method("ties")) == [{"density": d} for d in (0.1, 0.2, 0.3, 0.5, 0.7)]
+    assert {"density": 0.5, "lambda": 0.3} in method_grid(get_method("dare_linear"))
