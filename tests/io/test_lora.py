@@ -232,3 +232,53 @@ def test_config_and_weight_inconsistencies(plain_adapter, llama_dir):
     (plain_adapter / "adapter_model.safetensors").unlink()
     with pytest.raises(LoraAdapterError, match="no adapter_model.safetensors"):
         open_checkpoint(plain_adapter, lora_base=llama_dir)
+
+
+def test_lora_adapters_in_a_recipe(llama_dir, llama_state, tmp_path):
+    """A PEFT LoRA adapter used as a recipe model, merged end to end, against peft's own merge."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    import transfuse
+
+    a = make_adapter(
+        llama_dir,
+        tmp_path / "a",
+        LlamaForCausalLM,
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        seed=1,
+    )
+    b = make_adapter(
+        llama_dir,
+        tmp_path / "b",
+        LlamaForCausalLM,
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"]),
+        seed=2,
+    )
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(llama_dir),
+        "models": [
+            {"model": str(a), "parameters": {"weight": 0.7}},
+            {"model": f"{llama_dir}+{b}", "parameters": {"weight": -0.5}},  # MergeKit's model+lora syntax
+        ],
+        "dtype": "float32",
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = transfuse.merge(path, tmp_path / "out", progress=False).out_dir
+    got = load_file(out / "model.safetensors")
+    base = {k: v.float() for k, v in llama_state.items()}
+    ref_a = peft_reference(
+        llama_dir, a, LlamaForCausalLM
+    )  # peft's merge_and_unload: an independent reference
+    ref_b = peft_reference(llama_dir, b, LlamaForCausalLM)
+    changed = 0
+    for name, value in got.items():
+        expected = (
+            base[name] + 0.7 * (ref_a[name].float() - base[name]) - 0.5 * (ref_b[name].float() - base[name])
+        )
+        torch.testing.assert_close(value.float(), expected, rtol=0, atol=1e-5)
+        changed += not torch.equal(value.float(), base[name])
+    assert changed >= 3  # q, v and o projections moved
