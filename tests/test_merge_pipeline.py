@@ -18,6 +18,7 @@ from transfuse.errors import (
     MissingTensorError,
     NonFiniteTensorError,
     NotSameBaseError,
+    ParameterError,
     ShapeMismatchError,
     VocabSizeMismatchError,
 )
@@ -257,3 +258,22 @@ def test_chunked_loading_matches_and_still_finds_nan(files, tmp_path, monkeypatc
     save_file(bad, files["base"])
     with pytest.raises(NonFiniteTensorError, match=r"layers\.0\.w.*of the base"):
         transfuse.merge(recipe, tmp_path / "o", progress=False)
+
+
+def test_della_epsilon_rule_is_checked_before_any_work(files, tmp_path, monkeypatch):
+    import transfuse.engine as engine
+
+    def never(*args, **kwargs):
+        raise AssertionError("no tensor may be merged when the recipe is invalid")
+
+    monkeypatch.setattr(engine, "compute", never)
+    recipe = write_recipe(
+        tmp_path,
+        files,
+        method="della",
+        parameters={"density": [{"filter": "layers.1", "value": 0.9}, {"value": 0.5}]},
+    )
+    # epsilon 0.15 is fine at density 0.5 but not at 0.9 (0.9 + 0.15 >= 1), which only layers.1 gets.
+    with pytest.raises(ParameterError, match=r"della, tensor 'layers\.1\.w': model 0 has density=0\.9"):
+        transfuse.merge(recipe, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

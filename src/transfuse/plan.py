@@ -207,6 +207,12 @@ def _plan_tensors(
             )
         t = layer_position(name, num_layers)
         global_params, model_params = _resolve_params(spec, recipe, name, t) if is_float else ({}, {})
+        if is_float and spec.check is not None:
+            problem = spec.check(global_params, model_params)
+            if problem is not None:
+                raise ParameterError(
+                    f"{spec.name}, tensor {name!r}: {problem} (models in order: {', '.join(labels)})"
+                )
         dtype = (forced_dtype or recipe_dtype or info.dtype) if is_float else info.dtype
         nbytes = math.prod(info.shape) * info.dtype.itemsize + sum(
             math.prod(mi.shape) * mi.dtype.itemsize for mi in infos

@@ -26,11 +26,23 @@ _PAPER = (
 )
 
 
+def check_epsilon(_global: dict, per_model: dict) -> str | None:
+    """MagPrune's keep probabilities density +/- epsilon must stay inside (0, 1) (checked when 0 < density < 1)."""
+    for i, (density, epsilon) in enumerate(zip(per_model["density"], per_model["epsilon"])):
+        if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+            return (
+                f"model {i} has density={density:g} and epsilon={epsilon:g}; density +/- epsilon must lie strictly "
+                "inside (0, 1): lower epsilon or move density away from 0 and 1"
+            )
+    return None
+
+
 @register(
     "della",
     params=(DENSITY, EPSILON, NORMALIZE_TRUE, RESCALE_TRUE, RESCALE_MODE, LAMBDA, SIGN_ELECTION, INT8_MASK),
     paper=_PAPER,
     random=True,
+    check=check_epsilon,
     mergekit_name="della",
 )
 def della(
@@ -82,6 +94,7 @@ def della(
     params=(DENSITY, EPSILON, NORMALIZE_FALSE, RESCALE_TRUE, RESCALE_MODE, LAMBDA, INT8_MASK),
     paper=_PAPER,
     random=True,
+    check=check_epsilon,
     mergekit_name="della_linear",
 )
 def della_linear(

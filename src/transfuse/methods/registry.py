@@ -108,6 +108,9 @@ class MethodSpec:
     random: bool = False
     needs_base: bool = True
     mergekit_name: str | None = None  # the name MergeKit gives the same method, if it has it
+    # Cross-parameter rule checked by the plan for every tensor before any work: check(global, per_model) -> error
+    # message naming the offending model index, or None.
+    check: Callable[[dict[str, Any], dict[str, tuple[float, ...]]], str | None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> ParamSpec:
@@ -140,6 +143,7 @@ def register(
     random: bool = False,
     needs_base: bool = True,
     mergekit_name: str | None = None,
+    check: Callable[[dict[str, Any], dict[str, tuple[float, ...]]], str | None] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn`` as merge method ``name``.  The summary is the docstring's first line."""
 
@@ -158,6 +162,7 @@ def register(
             random=random,
             needs_base=needs_base,
             mergekit_name=mergekit_name,
+            check=check,
         )
         return fn
 
