@@ -74,6 +74,8 @@ class MergePlan:
     config_source: Path | None
     ignored: dict[str, list[str]] = field(default_factory=dict)  # model label -> tensor names not in the base
     notes: list[str] = field(default_factory=list)
+    # Every checkpoint the plan opened (LoRA bases included).
+    owned: list[Checkpoint] = field(default_factory=list)
 
     @property
     def input_bytes(self) -> int:
@@ -88,7 +90,8 @@ class MergePlan:
         return max(self.jobs, key=lambda j: j.numel)
 
     def close(self) -> None:
-        for ckpt in {id(c): c for c in [self.base, *self.models]}.values():
+        # Only what the plan opened: checkpoints handed in by the caller (in-memory state dicts) stay theirs.
+        for ckpt in {id(c): c for c in self.owned}.values():
             ckpt.close()
 
     def __enter__(self) -> MergePlan:
@@ -145,6 +148,7 @@ def build_plan(
         labels = [e.label for e in task_entries]
         base_label = recipe.base_model or labels[0]
         plan = _plan_tensors(recipe, spec, base, base_label, models, labels, out_dtype)
+        plan.owned = opened
     except BaseException:
         for ckpt in opened:
             ckpt.close()
