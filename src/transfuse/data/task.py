@@ -60,6 +60,13 @@ class TaskDataError(TransfuseError, ValueError):
     or a prepared file whose checksum does not match its manifest."""
 
 
+class UnknownTaskError(TaskDataError, KeyError):
+    """A task name the suite does not have (a KeyError too, as for a dict)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class Example(NamedTuple):
     """One labelled text. ``label`` is an id into the task's ``label_names``."""
 
@@ -195,7 +202,7 @@ class TaskSuite:
         for task in self.tasks:
             if task.name == key:
                 return task
-        raise KeyError(f"suite {self.name!r} has no task {key!r}; tasks: {', '.join(self.names)}")
+        raise UnknownTaskError(f"suite {self.name!r} has no task {key!r}; tasks: {', '.join(self.names)}")
 
     def select(self, names: Sequence[str]) -> TaskSuite:
         """A suite of the named tasks, in the order given."""
@@ -298,7 +305,9 @@ def load_prepared_suite(
         names = [tasks] if isinstance(tasks, str) else list(tasks)
         unknown = [n for n in names if n not in entries]
         if unknown:
-            raise KeyError(f"suite {manifest['suite']!r} has no task {unknown}; tasks: {', '.join(entries)}")
+            raise UnknownTaskError(
+                f"suite {manifest['suite']!r} has no task {unknown}; tasks: {', '.join(entries)}"
+            )
     loaded = tuple(
         _read_prepared_task(directory, entries[n], verify).with_max_train(max_train) for n in names
     )

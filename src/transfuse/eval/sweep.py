@@ -42,6 +42,7 @@ import torch
 
 from transfuse.data.task import Task, TaskSuite
 from transfuse.errors import TransfuseError
+from transfuse.eval.cache import EvaluationCache, tensors_digest
 from transfuse.eval.harness import EvaluationError, evaluate
 from transfuse.eval.metrics import gain_retained, mean_accuracy, normalized_accuracy
 from transfuse.methods import available_methods, get_method
@@ -114,9 +115,11 @@ def run_method_sweep(
     batch_size: int = 64,
     max_length: int = 48,
     max_examples: int | None = None,
+    choice_max_examples: int | None | str = "same",
     seed: int = 0,
     keep_correct: bool = True,
     progress: bool = True,
+    cache: EvaluationCache | None = None,
 ) -> dict[str, Any]:
     """Merge the experts of `suite`'s tasks with each method, choose its parameters on validation, score on test.
 
@@ -126,7 +129,11 @@ def run_method_sweep(
     - `grids`: ``{method: {param: values}}`` (cross product) or ``{method: [overrides, ...]}`` replacing
       :data:`DEFAULT_GRIDS` for those methods; with ``grid=False`` only the defaults are merged;
     - `multitask`: a multi-task model (Expert or directory) to add as a baseline;
-    - `backbone_dir`: architecture and tokenizer for merged state dicts (default: the first expert's dir).
+    - `backbone_dir`: architecture and tokenizer for merged state dicts (default: the first expert's dir);
+    - `max_examples`: score only the first `max_examples` test examples of each task (None: all);
+      `choice_max_examples`: the same for `split_for_choice` (default: `max_examples`);
+    - `cache`: an :class:`~transfuse.eval.cache.EvaluationCache`; evaluations of weights it has seen on the
+      same examples are read from it instead of being run again.
 
     Returns (JSON-serializable)::
 
@@ -154,12 +161,48 @@ def run_method_sweep(
     # Only the experts' tensors: a raw checkpoint may carry extra buffers (e.g. embeddings.position_ids).
     base = {k: v.detach().clone() for k, v in pretrained_state.items() if k in states[0]}
     encoder = Encoder.from_state_dict(base, architecture, device=device)
-    eval_kwargs = dict(batch_size=batch_size, max_length=max_length, device=device, max_examples=max_examples)
+    if choice_max_examples == "same":
+        choice_max_examples = max_examples
+    eval_kwargs = dict(batch_size=batch_size, max_length=max_length, device=device)
     log = _log if progress else (lambda *_: None)
+    heads_digest = _heads_digest(heads) if cache is not None else ""
+
+    def run(
+        model: Encoder,
+        model_heads: Mapping[str, TaskHead],
+        on: list[Task],
+        split: str,
+        state: Mapping[str, torch.Tensor] | None = None,
+        digest_of_heads: str | None = None,
+    ) -> Any:
+        """Evaluate `model` (after loading `state` into it), through the cache when there is one."""
+        limit = max_examples if split == "test" else choice_max_examples
+        key = None
+        if cache is not None:
+            weights = tensors_digest(state if state is not None else model.state_dict())
+            key = cache.key(
+                weights,
+                digest_of_heads or heads_digest,
+                on,
+                split,
+                max_examples=limit,
+                max_length=max_length,
+                device=device,
+            )
+            found = cache.get(key)
+            if found is not None:
+                return found
+        if state is not None:
+            model.load_state_dict(state)
+        acc, hits = evaluate(
+            model, model_heads, on, split=split, return_correct=True, max_examples=limit, **eval_kwargs
+        )
+        if key is not None:
+            cache.put(key, acc, hits)
+        return acc, hits
 
     def score(state: Mapping[str, torch.Tensor], split: str) -> Any:
-        encoder.load_state_dict(state)
-        return evaluate(encoder, heads, tasks, split=split, return_correct=True, **eval_kwargs)
+        return run(encoder, heads, tasks, split, state)
 
     correct: dict[str, dict[str, list[int]]] = {}
 
@@ -168,8 +211,7 @@ def run_method_sweep(
     individual_acc: dict[str, float] = {}
     individual_correct: dict[str, np.ndarray] = {}
     for name, state in zip(names, states):
-        encoder.load_state_dict(state)
-        acc, hits = evaluate(encoder, heads, [_task(tasks, name)], return_correct=True, **eval_kwargs)
+        acc, hits = run(encoder, heads, [_task(tasks, name)], "test", state)
         individual_acc.update(acc)
         individual_correct.update(hits)
 
@@ -188,7 +230,8 @@ def run_method_sweep(
         path = Path(getattr(multitask, "path", multitask))
         mt_encoder = Encoder.load(path, device=device)
         mt_heads = load_heads(path, device=device)
-        acc, hits = evaluate(mt_encoder, mt_heads, tasks, return_correct=True, **eval_kwargs)
+        mt_heads_digest = _heads_digest(mt_heads) if cache is not None else None
+        acc, hits = run(mt_encoder, mt_heads, tasks, "test", digest_of_heads=mt_heads_digest)
         baselines["multitask"] = summary(acc)
         correct["multitask"] = _as_lists(hits)
         del mt_encoder
@@ -283,6 +326,12 @@ def _merge(
     from transfuse.api import merge_state_dicts
 
     return merge_state_dicts(base, states, spec.name, seed=seed, device=device, **overrides)
+
+
+def _heads_digest(heads: Mapping[str, TaskHead]) -> str:
+    return tensors_digest(
+        {f"{task}/{k}": v for task, head in sorted(heads.items()) for k, v in head.state_dict().items()}
+    )
 
 
 def _arity_problem(spec: MethodSpec, k: int) -> str | None:

@@ -342,10 +342,10 @@ def _train_or_load(
     fit_seconds = time.perf_counter() - fit_start
     train_seconds = time.perf_counter() - start
 
-    test_accuracy, validation_accuracy = {}, {}
-    for task, head in zip(tasks, heads):
-        test_accuracy[task.name] = _accuracy(encoder, head, task, "test", recipe.max_length)
-        validation_accuracy[task.name] = _accuracy(encoder, head, task, "validation", recipe.max_length)
+    # Test accuracy only: the validation split is for choosing merge parameters, which never reads it here.
+    test_accuracy = {
+        task.name: _accuracy(encoder, head, task, "test", recipe.max_length) for task, head in zip(tasks, heads)
+    }
     info = {
         "format": EXPERT_FORMAT,
         "format_version": EXPERT_FORMAT_VERSION,
@@ -359,7 +359,6 @@ def _train_or_load(
         "backbone": {"path": str(backbone), "fingerprint": backbone_fingerprint(backbone)},
         "task_fingerprints": {t.name: task_fingerprint(t) for t in tasks},
         "test_accuracy": test_accuracy,
-        "validation_accuracy": validation_accuracy,
         "train_seconds": round(train_seconds, 3),  # loading the backbone + fine-tuning
         "seconds_per_step": round(fit_seconds / recipe.steps, 4),
         "loss_curve": [round(x, 5) for x in losses],

@@ -1,0 +1,128 @@
+"""What a `transfuse bench` run does: the task pool, the experts' budget, the evaluation sizes and the grids.
+
+Three presets (``BenchConfig.preset(name)``); any field can be overridden:
+
+=========  ======================  ======  ===========  ==================  =====  ==================================
+preset     tasks                   steps   train / task test / validation  grid   for
+                                   /expert              examples per task
+=========  ======================  ======  ===========  ==================  =====  ==================================
+quick      3 short-text tasks      40      200          60 / 30             none   CI and a first look (minutes)
+default    all 8 TEXT-8 tasks      60      all          150 / 60            small  the main job (<= 15 min cold on 2 cores)
+full       all 8 TEXT-8 tasks      150     all          all / all           full   docs/results.md
+=========  ======================  ======  ===========  ==================  =====  ==================================
+
+The experts' recipe is the one of :mod:`transfuse.train.experts` (batch 16, length 48, AdamW, encoder LR 3e-5,
+head LR 2e-3); only the number of steps differs between presets.  The multi-task baseline gets the same total
+budget as all the experts together (``steps x tasks``).  Test and validation subsets are the first N examples of
+each split (the stored order is shuffled, class-balanced in expectation).
+
+Grids (the candidates besides each method's registry defaults, chosen on validation):
+``full`` is :data:`transfuse.eval.DEFAULT_GRIDS`; ``small`` is :data:`SMALL_GRIDS` (two points on the main knob,
+around the values the papers recommend); ``none`` evaluates the defaults only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from transfuse.errors import TransfuseError
+
+
+class BenchConfigError(TransfuseError, ValueError):
+    """A benchmark option is invalid."""
+
+
+_SUM_STYLE_SMALL = [{"density": 0.3, "lambda": 0.3}, {"density": 0.7, "lambda": 0.3}]
+
+#: Two candidates per method besides its defaults (three validation evaluations per method).
+SMALL_GRIDS: dict[str, Any] = {
+    "task_arithmetic": {"lambda": (0.3, 0.5)},
+    "magmax": {"lambda": (0.3, 0.5)},
+    "consensus": {"lambda": (0.3, 0.5)},
+    "ties": {"density": (0.2, 0.5)},
+    "della": {"density": (0.3, 0.5)},
+    "pcb": {"density": (0.05, 0.2)},
+    "dare_linear": _SUM_STYLE_SMALL,
+    "dare_ties": _SUM_STYLE_SMALL,
+    "breadcrumbs": [{"density": 0.9, "gamma": 0.01, "lambda": 0.3}, {"density": 0.9, "lambda": 0.5}],
+    "breadcrumbs_ties": [{"density": 0.9, "gamma": 0.01, "lambda": 0.3}, {"density": 0.9, "lambda": 0.5}],
+    "della_linear": _SUM_STYLE_SMALL,
+    "tsv": {"alpha": (0.5, 1.5)},
+    "iso_c": {"alpha": (1.5, 2.0)},
+    "iso_cts": {"alpha": (1.5, 2.0)},
+    "slerp": {"t": (0.25, 0.75)},
+    "linear": {},
+    "model_stock": {},
+}
+
+GRID_CHOICES = ("none", "small", "full")
+
+#: Tasks of the quick preset: short texts (cheap to embed) with different label sets.
+QUICK_TASKS = ("fortunes_language", "wordnet_pos", "bing_sentiment")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """Options of one benchmark run (see the module docstring for the presets)."""
+
+    preset: str = "default"
+    pool: str = "text8"
+    tasks: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    steps: int = 60
+    max_train: int | None = None
+    test_examples: int | None = 150
+    validation_examples: int | None = 60
+    grid: str = "small"
+    batch_size: int = 16
+    max_length: int = 48
+    seed: int = 0
+    device: str = "cpu"
+    backbone: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.grid not in GRID_CHOICES:
+            raise BenchConfigError(f"grid must be one of {', '.join(GRID_CHOICES)}, got {self.grid!r}")
+        for name in ("steps", "batch_size", "max_length"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BenchConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("max_train", "test_examples", "validation_examples"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise BenchConfigError(f"{name} must be a positive integer or None (all), got {value!r}")
+        if self.tasks is not None and len(self.tasks) == 0:
+            raise BenchConfigError("tasks is empty: name at least one task, or leave it unset for all")
+        if self.methods is not None and len(self.methods) == 0:
+            raise BenchConfigError("methods is empty: name at least one method, or leave it unset for all")
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> BenchConfig:
+        """The preset `name` (quick, default, full) with `overrides` replacing its fields."""
+        if name not in PRESETS:
+            raise BenchConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)} - {"preset"})
+        if unknown:
+            raise BenchConfigError(f"unknown benchmark option(s): {', '.join(unknown)}")
+        return cls(preset=name, **{**PRESETS[name], **overrides})
+
+    def grids(self) -> dict[str, Any] | None:
+        """The `grids` argument of :func:`~transfuse.eval.run_method_sweep` (None: its default grids)."""
+        return SMALL_GRIDS if self.grid == "small" else None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["tasks"] = list(self.tasks) if self.tasks is not None else None
+        out["methods"] = list(self.methods) if self.methods is not None else None
+        return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        tasks=QUICK_TASKS, steps=40, max_train=200, test_examples=60, validation_examples=30, grid="none"
+    ),
+    "default": dict(steps=60, test_examples=150, validation_examples=60, grid="small"),
+    "full": dict(steps=150, test_examples=None, validation_examples=None, grid="full"),
+}
