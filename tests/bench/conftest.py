@@ -26,10 +26,14 @@ def build_text8_backbone(directory: Path, *, words: int = 2000, seed: int = 0) -
     vocab = SPECIAL + [w for w, _ in counts.most_common(words)]
     directory.mkdir(parents=True, exist_ok=True)
     if "vocab" in inspect.signature(transformers.BertTokenizerFast.__init__).parameters:  # transformers 5
-        tokenizer = transformers.BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+        tokenizer = transformers.BertTokenizerFast(
+            vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True
+        )
     else:  # transformers 4
         (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
-        tokenizer = transformers.BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+        tokenizer = transformers.BertTokenizerFast(
+            vocab_file=str(directory / "vocab.txt"), do_lower_case=True
+        )
     config = transformers.BertConfig(
         vocab_size=len(vocab),
         hidden_size=32,

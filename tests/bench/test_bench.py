@@ -40,7 +40,12 @@ def quick_run(text8_backbone, tmp_path_factory):
 def test_quick_writes_every_file(quick_run):
     root, report, _, output = quick_run
     out = root / "cold"
-    assert sorted(p.name for p in out.iterdir()) == ["normalized.png", "per_task.png", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "normalized.png",
+        "per_task.png",
+        "report.json",
+        "report.md",
+    ]
     for png in ("normalized.png", "per_task.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC
     markdown = (out / "report.md").read_text()
@@ -84,7 +89,9 @@ def test_report_numbers_match_the_harness(quick_run, text8_backbone):
     assert pretrained == pytest.approx(report["results"]["pretrained"]["per_task"], abs=1e-9)
     for task in suite:
         own = evaluate(experts[task.name].path, heads, [task], max_examples=n)
-        assert own[task.name] == pytest.approx(report["results"]["individual"]["per_task"][task.name], abs=1e-9)
+        assert own[task.name] == pytest.approx(
+            report["results"]["individual"]["per_task"][task.name], abs=1e-9
+        )
 
     params = report["results"]["task_arithmetic"]["params"]
     merged = merge_state_dicts(
@@ -130,7 +137,15 @@ def _fails(args: list[str], *needles: str) -> None:
 
 def test_unknown_method_fails_before_training(text8_backbone, tmp_path):
     _fails(
-        ["--quick", "--backbone", str(text8_backbone), "--cache-dir", str(tmp_path), "--methods", "ties,nope"],
+        [
+            "--quick",
+            "--backbone",
+            str(text8_backbone),
+            "--cache-dir",
+            str(tmp_path),
+            "--methods",
+            "ties,nope",
+        ],
         "UnknownMethodError",
         "nope",
     )

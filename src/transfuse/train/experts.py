@@ -344,7 +344,8 @@ def _train_or_load(
 
     # Test accuracy only: the validation split is for choosing merge parameters, which never reads it here.
     test_accuracy = {
-        task.name: _accuracy(encoder, head, task, "test", recipe.max_length) for task, head in zip(tasks, heads)
+        task.name: _accuracy(encoder, head, task, "test", recipe.max_length)
+        for task, head in zip(tasks, heads)
     }
     info = {
         "format": EXPERT_FORMAT,
