@@ -262,6 +262,157 @@ def _print_bench_table(report) -> None:
         console.print(f"[yellow]skipped[/] {name}: {reason}")
 
 
+@app.command()
+def rank(
+    target: Annotated[
+        str, typer.Option(help="Target task: a task name of --pool, or a CSV/JSONL file of (text, label).")
+    ],
+    candidates: Annotated[
+        list[str],
+        typer.Option(
+            "--candidates",
+            help="Candidate encoder dirs (comma-separated or repeated); built in: `pretrained` "
+            "(all-MiniLM-L6-v2) and `minilm-l3` (paraphrase-MiniLM-L3-v2, needs the `l3` extra).",
+        ),
+    ],
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="logme, nleep, h_score, shrinkage_h_score, gbc, transrate, "
+            "sfda, tmi; leep/nce for experts with one head."
+        ),
+    ] = "logme",
+    pool: Annotated[
+        str, typer.Option(help="Where --target names a task: text8 or a prepared dir.")
+    ] = "text8",
+    max_examples: Annotated[
+        int, typer.Option(help="Target training examples scored (first N; 0 = all).")
+    ] = 2000,
+    out: Annotated[
+        Path | None, typer.Option(help="JSON file for the ranking (default: rank-<target>.json).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Rank candidate source models for a target task by a transferability metric (no fine-tuning)."""
+    import json
+
+    from transfuse.data import load_task_suite
+    from transfuse.models import default_backbone_dir, paraphrase_minilm_l3_dir
+    from transfuse.select.rank import candidate_name, rank_sources
+
+    BUILTIN_CANDIDATES = {"pretrained": default_backbone_dir, "minilm-l3": paraphrase_minilm_l3_dir}  # noqa: N806
+
+    try:
+        if Path(target).is_file():
+            task = list(load_task_suite(target))[0]
+        else:
+            task = load_task_suite(pool, tasks=[target])[target]
+        named: dict[str, Path] = {}
+        for item in _names(candidates) or ():
+            if item in BUILTIN_CANDIDATES:
+                name, path = item, BUILTIN_CANDIDATES[item]()
+            else:
+                path = Path(item)
+                name = candidate_name(path)
+            while name in named:  # two dirs with one name: keep both
+                name += "'"
+            named[name] = path
+        ranked = rank_sources(
+            task,
+            named,
+            metric,
+            max_examples=max_examples or None,
+            device=device,
+            progress=err_console.log,
+        )
+    except TransfuseError as exc:
+        _fail(exc)
+        return
+    table = Table("rank", "candidate", metric, "seconds", "parameters", title=f"sources for {task.name}")
+    for r in ranked:
+        table.add_row(
+            str(r.rank), r.name, f"{r.score:.4f}", f"{r.seconds:.1f}", f"{r.num_parameters / 1e6:.1f}M"
+        )
+    console.print(table)
+    path = out or Path(f"rank-{task.name}.json")
+    payload = {"target": task.name, "metric": metric, "ranking": [r.to_dict() for r in ranked]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+    console.print(f"[green]wrote[/] {path}")
+
+
+@app.command()
+def affinity(
+    pool: Annotated[
+        str, typer.Argument(help="Task pool: text8, a prepared dir, or a CSV/JSONL file.")
+    ] = "text8",
+    tasks: Annotated[
+        list[str] | None, typer.Option("--tasks", help="Only these tasks (comma-separated or repeated).")
+    ] = None,
+    steps: Annotated[
+        int, typer.Option(help="Fine-tuning steps of each expert (the bench's default: 60).")
+    ] = 60,
+    lambda_: Annotated[
+        float, typer.Option("--lambda", help="Task-arithmetic scale of each pairwise merge (0.5 = average).")
+    ] = 0.5,
+    density: Annotated[
+        float, typer.Option(help="Share of each task vector checked for sign conflicts.")
+    ] = 0.2,
+    test_examples: Annotated[int, typer.Option(help="Test examples per task (0 = all).")] = 150,
+    out: Annotated[Path, typer.Option(help="Where affinity.md, affinity.json and affinity.png go.")] = Path(
+        "affinity-report"
+    ),
+    backbone: Annotated[Path | None, typer.Option(help="Backbone dir (default: all-MiniLM-L6-v2).")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Experts cache (default: ~/.cache/transfuse).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
+) -> None:
+    """Pairwise task affinity of a pool's experts: task-vector cosine, sign conflicts, measured interference."""
+    from transfuse.bench.runner import default_cache_dir
+    from transfuse.data import load_task_suite
+    from transfuse.models.backbone import Encoder, resolve_backbone_dir
+    from transfuse.select.pool_affinity import measure_affinity, write_affinity
+    from transfuse.train import train_experts
+
+    try:
+        backbone_dir = resolve_backbone_dir(backbone)
+        suite = load_task_suite(pool, tasks=list(_names(tasks)) if tasks else None)
+        if len(list(suite)) < 2:
+            raise TransfuseError("task affinity needs at least two tasks")
+        experts = train_experts(
+            suite,
+            cache_dir or default_cache_dir(),
+            steps=steps,
+            backbone_dir=backbone_dir,
+            device=device,
+            progress=progress,
+        )
+        result = measure_affinity(
+            suite,
+            experts,
+            Encoder.load(backbone_dir).state_dict(),
+            lambda_=lambda_,
+            density=density,
+            max_examples=test_examples or None,
+            device=device,
+            backbone_dir=backbone_dir,
+            progress=err_console.log if progress else None,
+        )
+        written = write_affinity(result, out)
+    except TransfuseError as exc:
+        _fail(exc)
+        return
+    for signal, stats in result["predicts_interference"].items():
+        console.print(
+            f"{signal}: Spearman {stats['spearman']:+.3f}, Kendall {stats['kendall']:+.3f} "
+            f"vs measured interference over {stats['pairs']} pairs"
+        )
+    console.print(f"[green]wrote[/] {', '.join(str(p) for p in written)}")
+
+
 data_app = typer.Typer(help="Task suites: build or inspect TEXT-8.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
