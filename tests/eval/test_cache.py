@@ -76,3 +76,34 @@ def test_put_get_round_trip_and_counts(tmp_path):
     assert accuracy == {"t": 0.5} and correct["t"].tolist() == [True, False] and correct["t"].dtype == bool
     assert cache.hits == 1
     assert not list(tmp_path.rglob(".*"))  # no temporary files left
+
+
+def test_merge_key_changes_with_every_input(tmp_path):
+    cache = EvaluationCache(tmp_path)
+
+    def key(**kw):
+        args = {
+            "method": "ties",
+            "params": {"density": 0.2},
+            "seed": 0,
+            "base_digest": "b",
+            "model_digests": ["m1", "m2"],
+            "device": "cpu",
+            **kw,
+        }
+        return cache.merge_key(**args)
+
+    base = key()
+    assert key() == base and key(device="cpu") == base
+    for change in (
+        {"method": "dare_ties"},
+        {"params": {"density": 0.3}},
+        {"seed": 1},
+        {"base_digest": "c"},
+        {"model_digests": ["m2", "m1"]},
+        {"device": "cuda"},
+    ):
+        assert key(**change) != base, change
+    assert cache.get_merge(base) is None
+    cache.put_merge(base, "abc")
+    assert cache.get_merge(base) == "abc"

@@ -110,3 +110,58 @@ def test_default_grids_cover_every_method():
                 spec.param(name).validate(value)
     assert method_grid(get_method("ties")) == [{"density": d} for d in (0.1, 0.2, 0.3, 0.5, 0.7)]
     assert {"density": 0.5, "lambda": 0.3} in method_grid(get_method("dare_linear"))
+
+
+def test_cached_sweep_reruns_without_merging_or_evaluating(
+    tiny_backbone, suite, trained, tmp_path, monkeypatch
+):
+    from transfuse.eval.cache import EvaluationCache
+
+    experts, _ = trained
+    base = Encoder.load(tiny_backbone).state_dict()
+    kwargs = dict(grids=GRIDS, progress=False)
+    first = run_method_sweep(
+        suite, experts, base, ["task_arithmetic", "dare_ties"], cache=EvaluationCache(tmp_path), **kwargs
+    )
+
+    def no_merging(*args, **kw):
+        raise AssertionError("a cached sweep merged again")
+
+    def no_evaluating(*args, **kw):
+        raise AssertionError("a cached sweep evaluated again")
+
+    monkeypatch.setattr("transfuse.api.merge_state_dicts", no_merging)
+    monkeypatch.setattr("transfuse.eval.sweep.evaluate", no_evaluating)
+    cache = EvaluationCache(tmp_path)
+    again = run_method_sweep(suite, experts, base, ["task_arithmetic", "dare_ties"], cache=cache, **kwargs)
+    assert cache.misses == 0 and cache.hits > 0
+    assert again["results"] == {
+        m: {**r, "seconds": again["results"][m]["seconds"]} for m, r in first["results"].items()
+    }
+    assert again["correct"] == first["correct"]
+
+
+@pytest.mark.parametrize("method", ["tsv", "iso_c", "iso_cts"])
+def test_output_scale_methods_merge_once_and_rescale(tiny_backbone, trained, method, monkeypatch):
+    """alpha only scales the merged delta: the sweep's rescaled merge equals a direct merge at that alpha."""
+    from transfuse.eval.sweep import _LazyMerge
+
+    experts, _ = trained
+    base = Encoder.load(tiny_backbone).state_dict()
+    states = [Encoder.load(e.path).state_dict() for e in experts.values()]
+    base = {k: v for k, v in base.items() if k in states[0]}
+    spec = get_method(method)
+    assert spec.output_scale == "alpha"
+    unit = _LazyMerge(spec, base, states, {"alpha": 1.0}, 0, "cpu")
+    scaled = _LazyMerge(spec, base, states, {"alpha": 1.7}, 0, "cpu")
+    scaled.unit = unit
+    direct = merge_state_dicts(base, states, method, alpha=1.7)
+    got = scaled.state()
+    for name in direct:
+        torch.testing.assert_close(got[name], direct[name], rtol=1e-5, atol=1e-6)
+    calls = []
+    monkeypatch.setattr("transfuse.api.merge_state_dicts", lambda *a, **k: calls.append(1))
+    again = _LazyMerge(spec, base, states, {"alpha": 0.5}, 0, "cpu")
+    again.unit = unit
+    again.state()
+    assert calls == []  # the unit merge is reused

@@ -8,10 +8,15 @@ weights.  A rerun of a sweep therefore only evaluates merges it has not seen; a 
 
 Entries are small JSON files (``<key[:2]>/<key>.json``: per-task accuracy and which examples were right), written
 atomically, so concurrent or interrupted runs never leave a half entry.
+
+A second, smaller memo (``merges/``) maps a merge's inputs -- method, parameters, seed, the digests of the base
+and the models, and a digest of the merge code itself -- to the digest of its result, so a rerun can look up an
+evaluation without merging again.  Changing any method, the plan or the engine changes every key.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -79,7 +84,44 @@ class EvaluationCache:
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
-    def _path(self, key: str) -> Path:
+    def merge_key(
+        self,
+        method: str,
+        params: Mapping[str, Any],
+        seed: int,
+        base_digest: str,
+        model_digests: Sequence[str],
+        device: str,
+    ) -> str:
+        """The key of a merge's inputs: method, parameters, seed, the digests of the base and the models, the
+        device type, and a digest of the source code that computes merges (so any change to a method, the
+        plan or the engine makes a new key)."""
+        parts = {
+            "format": CACHE_FORMAT_VERSION,
+            "method": method,
+            "params": {k: params[k] for k in sorted(params)},
+            "seed": seed,
+            "base": base_digest,
+            "models": list(model_digests),
+            "device": torch.device(device).type,
+            "torch": torch.__version__.split("+")[0],
+            "code": merge_code_digest(),
+        }
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def get_merge(self, key: str) -> str | None:
+        """The digest of the merged weights of a merge seen before (see :meth:`merge_key`), or None."""
+        try:
+            return json.loads(self._path(key, "merges").read_text())["digest"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put_merge(self, key: str, digest: str) -> None:
+        self._write(self._path(key, "merges"), {"digest": digest})
+
+    def _path(self, key: str, kind: str = "") -> Path:
+        if kind:
+            return self.directory / kind / key[:2] / f"{key}.json"
         return self.directory / key[:2] / f"{key}.json"
 
     def get(self, key: str) -> tuple[dict[str, float], dict[str, np.ndarray]] | None:
@@ -94,12 +136,29 @@ class EvaluationCache:
         return dict(entry["accuracy"]), correct
 
     def put(self, key: str, accuracy: Mapping[str, float], correct: Mapping[str, Any]) -> None:
-        path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         entry = {
             "accuracy": dict(accuracy),
             "correct": {t: np.asarray(v, dtype=np.int8).tolist() for t, v in correct.items()},
         }
+        self._write(self._path(key), entry)
+
+    @staticmethod
+    def _write(path: Path, entry: Mapping[str, Any]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.write_text(json.dumps(entry))
         os.replace(tmp, path)
+
+
+@functools.lru_cache(maxsize=1)
+def merge_code_digest() -> str:
+    """sha256 of the source files that determine a merge's result: the methods, recipe, plan, engine, API and
+    the in-memory reader."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "methods").glob("*.py")) + [
+        root / name for name in ("recipe.py", "plan.py", "engine.py", "api.py", "io/state_dict.py")
+    ]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(root).as_posix().encode() + b"\x00" + path.read_bytes())
+    return digest.hexdigest()

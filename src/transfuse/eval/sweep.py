@@ -172,14 +172,17 @@ def run_method_sweep(
         model_heads: Mapping[str, TaskHead],
         on: list[Task],
         split: str,
-        state: Mapping[str, torch.Tensor] | None = None,
+        state: Mapping[str, torch.Tensor] | _LazyMerge | None = None,
         digest_of_heads: str | None = None,
     ) -> Any:
         """Evaluate `model` (after loading `state` into it), through the cache when there is one."""
         limit = max_examples if split == "test" else choice_max_examples
         key = None
         if cache is not None:
-            weights = tensors_digest(state if state is not None else model.state_dict())
+            if isinstance(state, _LazyMerge):
+                weights = state.digest()
+            else:
+                weights = tensors_digest(state if state is not None else model.state_dict())
             key = cache.key(
                 weights,
                 digest_of_heads or heads_digest,
@@ -193,7 +196,7 @@ def run_method_sweep(
             if found is not None:
                 return found
         if state is not None:
-            model.load_state_dict(state)
+            model.load_state_dict(state.state() if isinstance(state, _LazyMerge) else state)
         acc, hits = evaluate(
             model, model_heads, on, split=split, return_correct=True, max_examples=limit, **eval_kwargs
         )
@@ -201,8 +204,11 @@ def run_method_sweep(
             cache.put(key, acc, hits)
         return acc, hits
 
-    def score(state: Mapping[str, torch.Tensor], split: str) -> Any:
+    def score(state: Mapping[str, torch.Tensor] | _LazyMerge, split: str) -> Any:
         return run(encoder, heads, tasks, split, state)
+
+    base_digest = tensors_digest(base) if cache is not None else ""
+    state_digests = [tensors_digest(st) for st in states] if cache is not None else []
 
     correct: dict[str, dict[str, list[int]]] = {}
 
@@ -259,10 +265,23 @@ def run_method_sweep(
                 if not same_as_defaults and point not in candidates:
                     candidates.append(point)
         tried: list[dict[str, Any]] = []
-        best: tuple[float, dict[str, Any], dict[str, torch.Tensor]] | None = None
+        best: tuple[float, dict[str, Any], _LazyMerge] | None = None
+        unit_merges: dict[str, _LazyMerge] = {}  # output-scale methods: one merge at scale 1 per other-params
         for overrides in candidates:
+            merged = _LazyMerge(spec, base, states, overrides, seed, device)
+            if spec.output_scale is not None:
+                unit_params = {**overrides, spec.output_scale: 1.0}
+                unit_key = repr(sorted(unit_params.items()))
+                if unit_key not in unit_merges:
+                    unit_merges[unit_key] = _LazyMerge(spec, base, states, unit_params, seed, device)
+                merged.unit = unit_merges[unit_key]
+            if cache is not None:
+                merged.memo = (
+                    cache,
+                    cache.merge_key(spec.name, overrides, seed, base_digest, state_digests, device),
+                )
             try:
-                merged = _merge(spec, base, states, overrides, seed, device)
+                merged.check()
             except (TransfuseError, ValueError, RuntimeError) as exc:
                 tried.append({"params": overrides, "error": f"{type(exc).__name__}: {exc}"})
                 continue
@@ -315,17 +334,76 @@ def run_method_sweep(
 # ---- helpers ---------------------------------------------------------------------------------------------
 
 
-def _merge(
-    spec: MethodSpec,
-    base: Mapping[str, torch.Tensor],
-    states: list[dict[str, torch.Tensor]],
-    overrides: Mapping[str, Any],
-    seed: int,
-    device: str,
-) -> dict[str, torch.Tensor]:
-    from transfuse.api import merge_state_dicts
+class _LazyMerge:
+    """One candidate merge, computed only when it is needed: when its evaluation is not in the cache, or
+    when the cache does not know the merge's digest yet (the merge memo, see
+    :meth:`~transfuse.eval.cache.EvaluationCache.merge_key`).  A failing merge fails in :meth:`check`."""
 
-    return merge_state_dicts(base, states, spec.name, seed=seed, device=device, **overrides)
+    def __init__(
+        self,
+        spec: MethodSpec,
+        base: Mapping[str, torch.Tensor],
+        states: list[dict[str, torch.Tensor]],
+        overrides: Mapping[str, Any],
+        seed: int,
+        device: str,
+    ) -> None:
+        self.spec, self.base, self.states = spec, base, states
+        self.overrides, self.seed, self.device = dict(overrides), seed, device
+        self.memo: tuple[EvaluationCache, str] | None = None
+        self.unit: _LazyMerge | None = None  # the same merge at output scale 1, to rescale (see state())
+        self._state: dict[str, torch.Tensor] | None = None
+        self._digest: str | None = None
+
+    def check(self) -> None:
+        """Raise what merging would raise; merges now unless the memo already knows this merge's digest."""
+        if self.memo is not None:
+            cache, key = self.memo
+            self._digest = cache.get_merge(key)
+            if self._digest is not None:
+                return
+        self.state()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The merged state dict.  For a method whose output scale p only scales the merged delta
+        (``MethodSpec.output_scale``), it is ``base + p * (unit - base)`` from the merge at p = 1: one
+        (costly, SVD-based) merge serves every grid value of p, equal to merging at p up to float rounding."""
+        if self._state is None:
+            if self.unit is not None:
+                scale = float(
+                    self.overrides.get(self.spec.output_scale, self.spec.defaults()[self.spec.output_scale])
+                )
+                unit = self.unit.state()
+                self._state = (
+                    {
+                        k: (self.base[k] + scale * (v - self.base[k])).to(v.dtype)
+                        if v.is_floating_point()
+                        else v
+                        for k, v in unit.items()
+                    }
+                    if scale != 1.0
+                    else unit
+                )
+            else:
+                from transfuse.api import merge_state_dicts
+
+                self._state = merge_state_dicts(
+                    self.base,
+                    self.states,
+                    self.spec.name,
+                    seed=self.seed,
+                    device=self.device,
+                    **self.overrides,
+                )
+        return self._state
+
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = tensors_digest(self.state())
+            if self.memo is not None:
+                cache, key = self.memo
+                cache.put_merge(key, self._digest)
+        return self._digest
 
 
 def _heads_digest(heads: Mapping[str, TaskHead]) -> str:

@@ -35,7 +35,7 @@ _SVD_DTYPE = ParamSpec(
 )
 
 
-@register("iso_c", params=(_ALPHA, _SVD_DTYPE), paper=_PAPER, min_models=1)
+@register("iso_c", params=(_ALPHA, _SVD_DTYPE), paper=_PAPER, min_models=1, output_scale="alpha")
 def iso_c(
     base: Tensor, deltas: Tensor, weights: Tensor, *, alpha: float = 1.0, svd_dtype: str = "float32"
 ) -> Tensor:
@@ -77,6 +77,7 @@ def _split(rank: int, k: int, fraction: float) -> tuple[int, int]:
 
 @register(
     "iso_cts",
+    output_scale="alpha",
     params=(
         _ALPHA,
         ParamSpec(

@@ -111,6 +111,9 @@ class MethodSpec:
     # Cross-parameter rule checked by the plan for every tensor before any work: check(global, per_model) -> error
     # message naming the offending model index, or None.
     check: Callable[[dict[str, Any], dict[str, tuple[float, ...]]], str | None] | None = None
+    # A global parameter that only scales the merged delta: merged(p) = base + p * D, D independent of p.  A
+    # parameter sweep then merges once and rescales (see transfuse.eval.sweep).
+    output_scale: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> ParamSpec:
@@ -144,6 +147,7 @@ def register(
     needs_base: bool = True,
     mergekit_name: str | None = None,
     check: Callable[[dict[str, Any], dict[str, tuple[float, ...]]], str | None] | None = None,
+    output_scale: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn`` as merge method ``name``.  The summary is the docstring's first line."""
 
@@ -163,6 +167,7 @@ def register(
             needs_base=needs_base,
             mergekit_name=mergekit_name,
             check=check,
+            output_scale=output_scale,
         )
         return fn
 

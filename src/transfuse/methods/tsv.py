@@ -19,6 +19,7 @@ from transfuse.methods.registry import ParamSpec, register
 
 @register(
     "tsv",
+    output_scale="alpha",
     params=(
         ParamSpec("alpha", float, 1.0, "scale of the merged task matrix added to the base (TSV-M uses 1.0)"),
         ParamSpec(
