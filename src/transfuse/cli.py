@@ -351,8 +351,8 @@ def affinity(
         list[str] | None, typer.Option("--tasks", help="Only these tasks (comma-separated or repeated).")
     ] = None,
     steps: Annotated[
-        int, typer.Option(help="Fine-tuning steps of each expert (the bench's default: 60).")
-    ] = 60,
+        int, typer.Option(help="Fine-tuning steps of each expert (the bench's default: 40).")
+    ] = 40,
     lambda_: Annotated[
         float, typer.Option("--lambda", help="Task-arithmetic scale of each pairwise merge (0.5 = average).")
     ] = 0.5,
