@@ -354,8 +354,12 @@ def affinity(
         int, typer.Option(help="Fine-tuning steps of each expert (the bench's default: 40).")
     ] = 40,
     lambda_: Annotated[
-        float, typer.Option("--lambda", help="Task-arithmetic scale of each pairwise merge (0.5 = average).")
-    ] = 0.5,
+        float,
+        typer.Option(
+            "--lambda",
+            help="Task-arithmetic scale of each pairwise merge (1.0 keeps each task vector whole).",
+        ),
+    ] = 1.0,
     density: Annotated[
         float, typer.Option(help="Share of each task vector checked for sign conflicts.")
     ] = 0.2,

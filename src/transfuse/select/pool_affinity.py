@@ -32,7 +32,7 @@ def measure_affinity(
     experts: Mapping[str, Any],
     base_state: Mapping[str, torch.Tensor],
     *,
-    lambda_: float = 0.5,
+    lambda_: float = 1.0,
     density: float = 0.2,
     max_examples: int | None = 150,
     max_length: int = 48,
@@ -43,7 +43,9 @@ def measure_affinity(
     """Cosine, sign-conflict and measured-interference matrices of `experts` (``{task: Expert | dir}``) on
     `suite`'s test split (first `max_examples` per task), and how well the cheap signals predict interference.
 
-    The pairwise merge is task arithmetic with `lambda_` (0.5 = the average of the two experts); the sign
+    The pairwise merge is task arithmetic with `lambda_`. The default 1.0 keeps each task vector whole, so an accuracy
+    drop comes from the other task's vector; 0.5 (the average) also halves each vector, which mixes dilution
+    into the measure. The sign
     conflicts are counted on the top-`density` entries of each task vector.
     """
     from transfuse.api import merge_state_dicts
@@ -175,14 +177,12 @@ def _plot(result: Mapping[str, Any], path: Path) -> None:
         for i, row in enumerate(shown):
             for j, v in enumerate(row):
                 if not math.isnan(v):
-                    ax.text(
-                        j,
-                        i,
-                        f"{v:.2f}" if key != "interference" else f"{v:.1f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                    )
+                    r, g, b, _ = image.cmap(image.norm(v))
+                    ink = (
+                        "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.5 else "black"
+                    )  # readable on any cell
+                    text = f"{v:.2f}" if key != "interference" else f"{v:.1f}"
+                    ax.text(j, i, text, ha="center", va="center", fontsize=6, color=ink)
         fig.colorbar(image, ax=ax, shrink=0.8)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
