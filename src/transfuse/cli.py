@@ -200,7 +200,8 @@ def bench(
         Path | None, typer.Option(help="Experts and evaluations cache (default: ~/.cache/transfuse).")
     ] = None,
     seed: Annotated[
-        int | None, typer.Option(help="Seed of training, splits of batches and random merges.")
+        int | None,
+        typer.Option(help="Seed of the experts' training (head init, batch order) and of random merges."),
     ] = None,
     eval_cache: Annotated[
         bool, typer.Option(help="Reuse earlier evaluations of identical weights on identical examples.")
