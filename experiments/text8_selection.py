@@ -9,7 +9,9 @@ Ground truth: fine-tune each candidate on the target with one fixed small budget
 
 Rankers: every metric of `transfuse.select` on the candidates' features of the target's first `--examples`
 training examples; TextEmb (cosine between the pretrained encoder's mean embedding of the source task's and the
-target's training texts; experts only, the pretrained backbones have no source task); and trivial baselines:
+target's training texts; experts only, the pretrained backbones have no source task); ESM + LogME (per source
+expert a ridge linear map from pretrained to expert features, fitted on the source's texts; LogME of the mapped
+target features; experts only); and trivial baselines:
 parameter count, pretrained-first, random (the expected score over 200 random orders).
 
 Each ranker is scored per target by weighted Kendall tau against the ground truth (`scipy.stats.weightedtau`,
@@ -35,7 +37,7 @@ from scipy.stats import pearsonr, weightedtau
 from transfuse.bench.runner import default_cache_dir
 from transfuse.data import load_task_suite
 from transfuse.models import Encoder, default_backbone_dir, paraphrase_minilm_l3_dir
-from transfuse.select import rank
+from transfuse.select import logme, rank
 from transfuse.train import train_expert, train_experts
 
 METRICS = rank.FEATURE_METRICS
@@ -63,8 +65,16 @@ def main() -> None:
         "MiniLM-L3 (pretrained)": paraphrase_minilm_l3_dir(),
     }
     pretrained = Encoder.load(default_backbone_dir())
-    mean_embedding = {
-        n: pretrained.encode(t.texts("train")[: args.examples]).mean(0) for n, t in tasks.items()
+    base_features = {n: pretrained.encode(t.texts("train")[: args.examples]) for n, t in tasks.items()}
+    mean_embedding = {n: f.mean(0) for n, f in base_features.items()}
+    # ESM-style maps: per source expert, a ridge-regression linear map from the pretrained encoder's features to
+    # the expert's, fitted on the source's own training texts; a target is then scored by LogME on its mapped
+    # pretrained features, without running the expert on the target.
+    esm_maps = {
+        n: _ridge_map(
+            base_features[n], Encoder.load(experts[n].path).encode(t.texts("train")[: args.examples])
+        )
+        for n, t in tasks.items()
     }
 
     out: dict = {"settings": vars(args) | {"cache_dir": str(cache), "out": str(args.out)}, "targets": {}}
@@ -94,12 +104,26 @@ def main() -> None:
             for n in tasks
             if n != target_name
         }
+        target_labels = torch.tensor(target.labels("train")[: args.examples])
+        esm = {
+            f"{n} expert": float(logme(base_features[target_name] @ esm_maps[n], target_labels))
+            for n in tasks
+            if n != target_name
+        }
+        experts_only = {k: truth[k] for k in text_emb}
         out["targets"][target_name] = {
             "truth": truth,
             "scores": scores,
             "text_emb": text_emb,
+            "esm_logme": esm,
             "evaluation": {m: evaluate_ranker(s, truth) for m, s in scores.items()}
-            | {"TextEmb (experts only)": evaluate_ranker(text_emb, {k: truth[k] for k in text_emb})}
+            | {"TextEmb (experts only)": evaluate_ranker(text_emb, experts_only)}
+            | {"ESM + LogME (experts only)": evaluate_ranker(esm, experts_only)}
+            | {
+                "LogME (experts only)": evaluate_ranker(
+                    {k: scores["logme"][k] for k in experts_only}, experts_only
+                )
+            }
             | {"random (expected)": random_ranker(truth)},
         }
         print(f"{target_name}: done at {time.perf_counter() - start:.0f} s", flush=True)
@@ -121,6 +145,13 @@ def _write(path: Path, out: dict, start: float) -> None:
     tmp.write_text(json.dumps(out, indent=1, default=float) + "\n")
     tmp.replace(path)
     print(markdown_table(out["summary"]), flush=True)
+
+
+def _ridge_map(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """W minimizing |x W - y|^2 + ridge * n |W|^2 (float64), for x, y of shape [n, d]."""
+    x64, y64 = x.double(), y.double()
+    gram = x64.T @ x64 + ridge * len(x64) * torch.eye(x64.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(gram, x64.T @ y64).float()
 
 
 def evaluate_ranker(scores: dict[str, float], truth: dict[str, float]) -> dict[str, float]:
