@@ -19,5 +19,6 @@ __version__ = "0.1.0"
 from transfuse.api import merge, merge_state_dicts  # noqa: E402
 from transfuse.data import load_task_suite  # noqa: E402
 from transfuse.eval import evaluate  # noqa: E402
+from transfuse.select.rank import rank_sources  # noqa: E402
 
-__all__ = ["__version__", "evaluate", "load_task_suite", "merge", "merge_state_dicts"]
+__all__ = ["__version__", "evaluate", "load_task_suite", "merge", "merge_state_dicts", "rank_sources"]
