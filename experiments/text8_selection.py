@@ -36,6 +36,7 @@ from scipy.stats import pearsonr, weightedtau
 
 from transfuse.bench.runner import default_cache_dir
 from transfuse.data import load_task_suite
+from transfuse.io.files import write_text_atomically
 from transfuse.models import Encoder, default_backbone_dir, paraphrase_minilm_l3_dir
 from transfuse.select import logme, rank
 from transfuse.train import train_expert, train_experts
@@ -140,10 +141,7 @@ def _write(path: Path, out: dict, start: float) -> None:
         for r in rankers
     }
     out["seconds"] = round(time.perf_counter() - start, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(out, indent=1, default=float) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(out, indent=1, default=float) + "\n")
     print(markdown_table(out["summary"]), flush=True)
 
 

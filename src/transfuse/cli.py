@@ -243,7 +243,7 @@ def bench(
 
 
 def _print_bench_table(report) -> None:
-    from transfuse.bench.report import ordered_rows
+    from transfuse.bench.report import ordered_rows, tuned_params
 
     results = report["results"]
     table = Table(
@@ -252,12 +252,10 @@ def _print_bench_table(report) -> None:
     for name in ordered_rows(report):
         row = results[name]
         fmt = lambda x: "—" if x is None else f"{x:.3f}"  # noqa: E731
-        params = ""
-        if row["kind"] == "method":
-            tuned = {k for c in row.get("candidates", []) for k in c.get("params", {})}
-            params = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k in tuned) or "defaults"
         label = f"[italic]{name}[/]" if row["kind"] == "baseline" else name
-        table.add_row(label, fmt(row["mean"]), fmt(row["normalized"]), fmt(row.get("gain_retained")), params)
+        table.add_row(
+            label, fmt(row["mean"]), fmt(row["normalized"]), fmt(row.get("gain_retained")), tuned_params(row)
+        )
     console.print(table)
     for name, reason in report.get("skipped", {}).items():
         console.print(f"[yellow]skipped[/] {name}: {reason}")
@@ -298,6 +296,7 @@ def rank(
     import json
 
     from transfuse.data import load_task_suite
+    from transfuse.io.files import write_text_atomically
     from transfuse.models import default_backbone_dir, paraphrase_minilm_l3_dir
     from transfuse.select.rank import candidate_name, rank_sources
 
@@ -337,9 +336,7 @@ def rank(
     console.print(table)
     path = out or Path(f"rank-{task.name}.json")
     payload = {"target": task.name, "metric": metric, "ranking": [r.to_dict() for r in ranked]}
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(payload, indent=2) + "\n")
     console.print(f"[green]wrote[/] {path}")
 
 
@@ -376,7 +373,7 @@ def affinity(
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
 ) -> None:
     """Pairwise task affinity of a pool's experts: task-vector cosine, sign conflicts, measured interference."""
-    from transfuse.bench.runner import default_cache_dir
+    from transfuse.cache_dir import cache_root
     from transfuse.data import load_task_suite
     from transfuse.models.backbone import Encoder, resolve_backbone_dir
     from transfuse.select.pool_affinity import measure_affinity, write_affinity
@@ -389,7 +386,7 @@ def affinity(
             raise TransfuseError("task affinity needs at least two tasks")
         experts = train_experts(
             suite,
-            cache_dir or default_cache_dir(),
+            cache_dir or cache_root(),
             steps=steps,
             backbone_dir=backbone_dir,
             device=device,

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from transfuse.bench.config import BenchConfig
 from transfuse.eval.metrics import paired_bootstrap
+from transfuse.io.files import json_safe, write_atomically, write_text_atomically
 
 REPORT_SCHEMA = 1
 BASELINES = ("pretrained", "individual", "multitask")
@@ -131,7 +130,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     for name in ordered_rows(report):
         row = results[name]
         lines.append(
-            f"| {'*' + name + '*' if row['kind'] == 'baseline' else name} | {_params(row)} "
+            f"| {'*' + name + '*' if row['kind'] == 'baseline' else name} | {tuned_params(row)} "
             f"| {_fmt(row['mean'])} | {_fmt(row['normalized'])} | {_fmt(row.get('gain_retained'))} "
             f"| {_versus(row.get('vs_task_arithmetic'))} |"
         )
@@ -177,44 +176,17 @@ def write_report(report: Mapping[str, Any], out_dir: str | Path, *, plots: bool 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [
-        _write_atomically(
-            out / "report.json", json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n"
+        write_text_atomically(
+            out / "report.json", json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n"
         ),
-        _write_atomically(out / "report.md", render_markdown(report)),
+        write_text_atomically(out / "report.md", render_markdown(report)),
     ]
     if plots:
         from transfuse.bench.plots import plot_normalized, plot_per_task
 
         for name, draw in (("normalized.png", plot_normalized), ("per_task.png", plot_per_task)):
-            tmp = out / f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.png"
-            try:
-                draw(report, tmp)
-                os.replace(tmp, out / name)
-            finally:
-                tmp.unlink(missing_ok=True)
-            written.append(out / name)
+            written.append(write_atomically(out / name, lambda tmp, draw=draw: draw(report, tmp)))
     return written
-
-
-def _write_atomically(path: Path, text: str) -> Path:
-    tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN/Inf (e.g. a normalized accuracy over an expert that scored 0) become null: JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _num(x: Any) -> float:
@@ -229,15 +201,12 @@ def _count(n: int | None) -> str:
     return "all" if n is None else str(n)
 
 
-def _params(row: Mapping[str, Any]) -> str:
+def tuned_params(row: Mapping[str, Any]) -> str:
+    """The chosen values of the parameters a method's grid varied (``defaults`` if none; ``""`` for a baseline)."""
     if row["kind"] == "baseline":
         return ""
-    chosen = {c_key: c for c_key, c in row.get("params", {}).items()}
-    tuned = set()
-    for candidate in row.get("candidates", []):
-        tuned.update(candidate.get("params", {}))
-    shown = {k: v for k, v in chosen.items() if k in tuned} or {}
-    return ", ".join(f"{k}={v}" for k, v in shown.items()) or "defaults"
+    tuned = {k for candidate in row.get("candidates", []) for k in candidate.get("params", {})}
+    return ", ".join(f"{k}={v}" for k, v in row.get("params", {}).items() if k in tuned) or "defaults"
 
 
 def _versus(entry: Mapping[str, float] | None) -> str:

@@ -21,19 +21,13 @@ import torch
 
 from transfuse import __version__
 from transfuse.bench.config import BenchConfig, BenchConfigError
+from transfuse.cache_dir import cache_root as default_cache_dir
 from transfuse.data import load_task_suite
 from transfuse.eval.cache import EvaluationCache
 from transfuse.eval.sweep import run_method_sweep
 from transfuse.methods import get_method
 from transfuse.models.backbone import Encoder, resolve_backbone_dir
 from transfuse.train import train_experts, train_multitask
-
-
-def default_cache_dir() -> Path:
-    """``$TRANSFUSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/transfuse``, else ``~/.cache/transfuse``."""
-    if os.environ.get("TRANSFUSE_CACHE_DIR"):
-        return Path(os.environ["TRANSFUSE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transfuse"
 
 
 def check_config(config: BenchConfig) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transfuse.cache_dir import cache_root
 from transfuse.errors import TransfuseError
 
 MARKER = ".transfuse-packages.json"
@@ -45,10 +45,7 @@ class DebianPackage:
 
 def default_cache_dir() -> Path:
     """Where downloaded packages and their extracted tree live unless a cache dir is given."""
-    if os.environ.get("TRANSFUSE_CACHE_DIR"):
-        return Path(os.environ["TRANSFUSE_CACHE_DIR"]) / "debian"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "transfuse" / "debian"
+    return cache_root() / "debian"
 
 
 def _sha256_file(path: Path) -> str:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import numpy as np
 import torch
 
 from transfuse.data.task import Task
+from transfuse.io.files import write_text_atomically
 
 CACHE_FORMAT_VERSION = 1
 
@@ -144,10 +143,7 @@ class EvaluationCache:
 
     @staticmethod
     def _write(path: Path, entry: Mapping[str, Any]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, path)
+        write_text_atomically(path, json.dumps(entry))
 
 
 @functools.lru_cache(maxsize=1)

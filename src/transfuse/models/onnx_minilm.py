@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from transfuse.cache_dir import cache_root
 from transfuse.errors import CheckpointError, OutputExistsError
 from transfuse.models.backbone import _float32, _quiet_loading, default_backbone_dir, resolve_backbone_dir
 
@@ -487,11 +488,7 @@ def convert_paraphrase_minilm_l3(out_dir: str | Path, *, tokenizer_dir: str | Pa
 
 def _cache_root(cache_dir: str | Path | None) -> Path:
     """`cache_dir`, else ``$TRANSFUSE_CACHE_DIR``, else ``$XDG_CACHE_HOME/transfuse``, else ``~/.cache/transfuse``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    if os.environ.get("TRANSFUSE_CACHE_DIR"):
-        return Path(os.environ["TRANSFUSE_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "transfuse"
+    return Path(cache_dir) if cache_dir is not None else cache_root()
 
 
 def conversion_info(path: str | Path) -> dict[str, Any] | None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 
 from transfuse.data.task import Task, TaskSuite
+from transfuse.io.files import json_safe, write_atomically
 from transfuse.select.affinity import (
     cosine_matrix,
     interference_matrix,
@@ -144,13 +143,13 @@ def write_affinity(result: Mapping[str, Any], out_dir: str | Path, *, plots: boo
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [
-        _atomic(
-            out / "affinity.json", lambda p: p.write_text(json.dumps(_json_safe(result), indent=2) + "\n")
+        write_atomically(
+            out / "affinity.json", lambda p: p.write_text(json.dumps(json_safe(result), indent=2) + "\n")
         ),
-        _atomic(out / "affinity.md", lambda p: p.write_text(render_affinity_markdown(result))),
+        write_atomically(out / "affinity.md", lambda p: p.write_text(render_affinity_markdown(result))),
     ]
     if plots:
-        written.append(_atomic(out / "affinity.png", lambda p: _plot(result, p)))
+        written.append(write_atomically(out / "affinity.png", lambda p: _plot(result, p)))
     return written
 
 
@@ -186,26 +185,6 @@ def _plot(result: Mapping[str, Any], path: Path) -> None:
         fig.colorbar(image, ax=ax, shrink=0.8)
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> Path:
-    tmp = path.parent / f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
 
 
 def _f(x: float, digits: int = 3) -> str:
