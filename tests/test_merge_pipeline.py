@@ -277,3 +277,52 @@ def test_della_epsilon_rule_is_checked_before_any_work(files, tmp_path, monkeypa
     with pytest.raises(ParameterError, match=r"della, tensor 'layers\.1\.w': model 0 has density=0\.9"):
         transfuse.merge(recipe, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "breadcrumbs", "tsv"])
+def test_serial_parallel_and_mixed_engine_paths_are_bit_identical(
+    files, tmp_path, monkeypatch, restore_threads, method
+):
+    import transfuse.engine as engine
+
+    params = {"density": 0.5} if method in ("ties", "dare_ties", "breadcrumbs") else {}
+    recipe = write_recipe(tmp_path, files, method=method, parameters=params)
+    outputs = {}
+    # one thread: jobs in turn with a reader thread; two: a worker pool; mixed: embed_tokens (40 entries) is a
+    # "big" job that drains the pool and runs alone between pooled small jobs
+    for label, threads, prefetch_max in [("serial", 1, None), ("pool", 2, None), ("mixed", 2, 4 * 3 * 20)]:
+        if prefetch_max is not None:
+            monkeypatch.setattr(engine, "PREFETCH_MAX_BYTES", prefetch_max)
+        out = tmp_path / label
+        transfuse.merge(recipe, out, threads=threads, seed=3, progress=False)
+        outputs[label] = (out / "model.safetensors").read_bytes()
+        assert torch.get_num_threads() == threads  # the pool's single-thread setting does not leak
+    assert outputs["serial"] == outputs["pool"] == outputs["mixed"]
+
+
+def test_worker_error_propagates_and_restores_threads(files, tmp_path, restore_threads):
+    bad = load_file(files["m0"])
+    bad["layers.0.w"][1, 2] = float("inf")
+    save_file(bad, files["m0"])
+    out = tmp_path / "out"
+    with pytest.raises(NonFiniteTensorError, match=r"layers\.0\.w.*m0\.safetensors"):
+        transfuse.merge(write_recipe(tmp_path, files, method="ties"), out, threads=2, progress=False)
+    assert torch.get_num_threads() == 2
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_in_memory_merge_does_not_keep_the_task_vector_stack_alive(restore_threads):
+    base = {"w": torch.randn(64, 32)}
+    models = [{"w": base["w"] + torch.randn(64, 32)} for _ in range(3)]
+    merged = transfuse.merge_state_dicts(base, models, "ties", density=0.5)
+    w = merged["w"]
+    assert w.dtype == torch.float32
+    assert w.untyped_storage().nbytes() == w.numel() * 4  # not a row view of the [3, 64, 32] stack

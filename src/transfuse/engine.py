@@ -2,8 +2,9 @@
 
 For each job the engine reads the base tensor and the K model tensors from their memory maps, builds the float32
 task-vector stack ``[K, *shape]`` on the compute device, calls the method, casts the result to the output dtype and
-hands it to the writer.  Reading the next (small) tensor overlaps with the current computation; big tensors are
-done one at a time so peak memory stays about (K + 2) x the largest tensor in float32 plus the writer's shard.
+hands it to the writer.  On a multi-threaded CPU, small tensors are merged in parallel on single-threaded workers
+(``_iter_parallel``); otherwise reading the next small tensor overlaps with the current computation.  Big tensors
+are done one at a time, so peak memory stays about (K + 2) x the largest tensor in float32 plus the writer's shard.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import keyword
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ LOAD_CHUNK = 1 << 22
 
 
 def _load(plan: MergePlan, job: TensorJob, device: torch.device, check_finite: bool) -> _Inputs:
+    """Read one job's inputs into a float32 ``base`` and task-vector stack ``deltas``."""
     raw_base = plan.base.tensor(job.name)
     if not job.merge:
         return _Inputs(job, raw_base, None)
@@ -138,32 +141,101 @@ def compute(plan: MergePlan, inputs: _Inputs, device: torch.device) -> torch.Ten
         generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
         kwargs["generator"] = generator
     merged = spec.fn(inputs.base, inputs.deltas, weights, **kwargs)
-    return merged.to(dtype=job.out_dtype).to("cpu").contiguous()
+    result = merged.to(dtype=job.out_dtype).to("cpu").contiguous()
+    if result.untyped_storage().nbytes() > result.nbytes:
+        # a view of the method's work buffers (e.g. a row of deltas): don't keep them alive
+        result = result.clone()
+    return result
 
 
 def iter_merged(
     plan: MergePlan, *, device: str | torch.device = "cpu", check_finite: bool = True
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, merged tensor)`` in plan order, prefetching small jobs' inputs on a reader thread."""
+    """Yield ``(name, merged tensor)`` in plan order.
+
+    On a CPU with several intra-op threads, small jobs are loaded and merged whole on a pool of that many
+    workers, each running torch single-threaded (see ``_iter_parallel``); otherwise jobs run one at a time,
+    the next small job's inputs being read on a reader thread meanwhile.
+    """
     device = torch.device(device)
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if workers > 1 and len(plan.jobs) > 1:
+        yield from _iter_parallel(plan, device, check_finite, workers)
+        return
     jobs = plan.jobs
-    k = len(plan.models)
-
-    def small(job: TensorJob) -> bool:
-        return job.numel * 4 * (k + 1) <= PREFETCH_MAX_BYTES
-
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-read") as pool:
         pending: Future[_Inputs] | None = None
         for i, job in enumerate(jobs):
             inputs = pending.result() if pending is not None else _load(plan, job, device, check_finite)
             pending = None
-            if i + 1 < len(jobs) and small(jobs[i + 1]):
+            if i + 1 < len(jobs) and _small(plan, jobs[i + 1]):
                 pending = pool.submit(_load, plan, jobs[i + 1], device, check_finite)
             merged = compute(plan, inputs, device)
             del inputs
             yield job.name, merged
         if pending is not None:
             pending.cancel()
+
+
+def _small(plan: MergePlan, job: TensorJob) -> bool:
+    return job.numel * 4 * (len(plan.models) + 1) <= PREFETCH_MAX_BYTES
+
+
+def _load_and_compute(
+    plan: MergePlan, job: TensorJob, device: torch.device, check_finite: bool
+) -> torch.Tensor:
+    return compute(plan, _load(plan, job, device, check_finite), device)
+
+
+def _single_thread_worker() -> None:
+    # BLAS/LAPACK and OpenMP thread counts are per calling thread: pin this worker's to one.
+    torch.set_num_threads(1)
+
+
+def _iter_parallel(
+    plan: MergePlan, device: torch.device, check_finite: bool, workers: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Small jobs run whole (read, merge, cast) on ``workers`` single-threaded workers, results in plan order;
+    a big job waits for the pool to drain and runs alone on the calling thread with all threads.
+
+    Why: a merge's chunk loops issue thousands of small ops that run best on one intra-op thread (see
+    ``methods/_sparsify.py``), so one merge uses one core; independent tensors on separate workers use them
+    all.  Each op releases the GIL, so workers contend only for the few microseconds of Python between ops.
+    Memory: at most ``workers + 1`` small jobs (each under ``PREFETCH_MAX_BYTES``) are in flight.
+    """
+    threads = torch.get_num_threads()
+    window: deque[tuple[str, Future[torch.Tensor]]] = deque()
+    torch.set_num_threads(1)  # torch gates intra-op parallelism on this process-wide count
+    try:
+        with ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="transfuse-merge", initializer=_single_thread_worker
+        ) as pool:
+            try:
+                for job in plan.jobs:
+                    if _small(plan, job):
+                        while len(window) > workers:
+                            name, future = window.popleft()
+                            yield name, future.result()
+                        future = pool.submit(_load_and_compute, plan, job, device, check_finite)
+                        window.append((job.name, future))
+                        continue
+                    while window:
+                        name, future = window.popleft()
+                        yield name, future.result()
+                    torch.set_num_threads(threads)
+                    try:
+                        merged = _load_and_compute(plan, job, device, check_finite)
+                    finally:
+                        torch.set_num_threads(1)
+                    yield job.name, merged
+                while window:
+                    name, future = window.popleft()
+                    yield name, future.result()
+            finally:
+                for _, future in window:
+                    future.cancel()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_plan(

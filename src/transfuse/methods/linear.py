@@ -21,7 +21,8 @@ def linear(base: Tensor, deltas: Tensor, weights: Tensor, *, normalize: bool) ->
     """Weighted average of the models: sum_i w_i theta_i / sum_i w_i (no division if normalize is false).
 
     With ``theta_i = base + delta_i`` this is computed as ``base * sum(w) + sum_i w_i delta_i`` (divided by
-    ``sum(w)``), so the result does not depend on which tensor the engine used as ``base``.
+    ``sum(w)``), so the result does not depend on which tensor the engine used as ``base``.  Overwrites
+    ``deltas`` (the result is a view of its first row).
 
     Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves accuracy
     without increasing inference time", ICML 2022.  MergeKit: ``linear``.
@@ -37,13 +38,15 @@ def linear(base: Tensor, deltas: Tensor, weights: Tensor, *, normalize: bool) ->
     n = base.numel()
     rows = deltas.reshape(k, n)
     base_flat = base.reshape(-1)
-    merged = torch.empty(n, dtype=torch.float32, device=base.device)
+    merged = rows[0]  # overwritten chunk by chunk: a fresh buffer would page-fault on every first write
     weight_list = weights.tolist()
 
     def combine(c: int, start: int, stop: int, s: Scratch) -> None:
-        out = torch.mul(base_flat[start:stop], total, out=merged[start:stop])
-        for i, w in enumerate(weight_list):
-            out.add_(rows[i, start:stop], alpha=w)
+        out = merged[start:stop]
+        scaled_base = torch.mul(base_flat[start:stop], total, out=s.a[: stop - start])
+        torch.add(scaled_base, out, alpha=weight_list[0], out=out)
+        for i in range(1, k):
+            out.add_(rows[i, start:stop], alpha=weight_list[i])
         if normalize:
             out.div_(total)
 

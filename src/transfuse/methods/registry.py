@@ -8,7 +8,7 @@ A method is one pure function per output tensor::
 - ``base``: the base model's tensor, float32 (compute dtype), read-only.
 - ``deltas``: stacked task vectors ``[K, *base.shape]`` (fine-tuned - base), float32.  The engine owns this
   buffer and allocates it fresh for each tensor, so a method MAY overwrite it in place (saves one
-  ``[K, *shape]`` allocation).
+  ``[K, *shape]`` allocation) and may return a view of it (the engine copies such a result out).
 - ``weights``: ``[K]`` float32, the per-model ``weight`` parameter.
 - per-model parameters (``ParamSpec.per_model``) arrive as ``[K]`` float32 tensors; global ones as Python
   scalars.  Values are already resolved for this tensor (filters, layer gradients) and validated.
