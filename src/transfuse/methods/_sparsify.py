@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple, TypeVar
@@ -150,12 +151,22 @@ class Workspace:
 #: Intra-op threads for chunk loops: None = PyTorch's current setting, 1 = single-threaded (see above).
 CHUNK_THREADS: int | None = 1
 
+_pinned = threading.local()
+
+
+def pin_to_one_thread() -> None:
+    """Make the calling thread run torch single-threaded for good (the engine's merge workers): its OpenMP and
+    BLAS thread counts are per thread, and ``single_threaded`` leaves it alone (restoring the process-wide count
+    from a worker would undo the pin)."""
+    torch.set_num_threads(1)
+    _pinned.value = True
+
 
 @contextmanager
 def single_threaded(device: torch.device) -> Iterator[None]:
     """Run the enclosed CPU ops with one intra-op thread (see the note above); the count is restored."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or CHUNK_THREADS is None:
+    if device.type != "cpu" or threads == 1 or CHUNK_THREADS is None or getattr(_pinned, "value", False):
         yield
         return
     torch.set_num_threads(1)
