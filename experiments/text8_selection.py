@@ -7,18 +7,22 @@ For each TEXT-8 target task the candidates are: the pretrained all-MiniLM-L6-v2,
 Ground truth: fine-tune each candidate on the target with one fixed small budget (the expert recipe,
 `--steps` steps) and measure the target's test accuracy.  Cached (each fine-tune is a cached expert).
 
-Rankers: every metric of `transfuse.select` on the candidates' features of the target's first `--examples`
-training examples; TextEmb (cosine between the pretrained encoder's mean embedding of the source task's and the
-target's training texts; experts only, the pretrained backbones have no source task); ESM + LogME (per source
-expert a ridge linear map from pretrained to expert features, fitted on the source's texts; LogME of the mapped
-target features; experts only); and trivial baselines:
-parameter count, pretrained-first, random (the expected score over 200 random orders).
+Rankers: every feature metric of `transfuse.select` on the candidates' features of the target's first
+`--examples` training examples; and, for the expert candidates only (the pretrained backbones have no source task
+and no source classifier): LEEP and NCE of the expert's own head on the target's texts; TextEmb (cosine between the
+pretrained encoder's mean embedding of the source task's and the target's training texts); TaskEmb (cosine between
+Fisher embeddings of the two tasks on the pretrained encoder's last layer, `transfuse.select.task_embedding`);
+ESM + LogME (per source expert a ridge linear map from pretrained to expert features, fitted on the source's texts;
+LogME of the mapped target features); LogME restricted to the experts; and trivial baselines: parameter count,
+pretrained-first, random (the expected score over 200 random orders).
 
 Each ranker is scored per target by weighted Kendall tau against the ground truth (`scipy.stats.weightedtau`,
 hyperbolic weights: the top of the ranking matters most), Pearson correlation, and top-1 regret (accuracy of
 the best candidate minus that of the ranker's top pick); the table averages over targets.
 
     python experiments/text8_selection.py --out docs/results/text8-selection.json   # ~40 min on 2 cores
+    # add rankers to an existing result (its cached ground truth is reused; rankers already there are kept):
+    python experiments/text8_selection.py --out docs/results/text8-selection.json --update
 """
 
 from __future__ import annotations
@@ -39,19 +43,35 @@ from transfuse.data import load_task_suite
 from transfuse.io.files import write_text_atomically
 from transfuse.models import Encoder, default_backbone_dir, paraphrase_minilm_l3_dir
 from transfuse.select import logme, rank
+from transfuse.select.task_embedding import embedding_similarity, fisher_embedding
 from transfuse.train import train_expert, train_experts
 
 METRICS = rank.FEATURE_METRICS
 
 
+FAMILIES = ("metrics", "baselines", "head", "textemb", "taskemb", "esm")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
-        "--steps", type=int, default=40, help="fine-tuning steps of the ground truth (default 30)"
+        "--steps", type=int, default=40, help="fine-tuning steps of the ground truth (default 40)"
     )
     ap.add_argument("--expert-steps", type=int, default=60, help="steps of the source experts (default 60)")
     ap.add_argument("--examples", type=int, default=500, help="target training examples scored by rankers")
+    ap.add_argument(
+        "--fisher-examples",
+        type=int,
+        default=200,
+        help="training examples per task for TaskEmb (default 200)",
+    )
     ap.add_argument("--targets", nargs="*", default=None, help="target tasks (default: all eight)")
+    ap.add_argument("--rankers", nargs="*", choices=FAMILIES, default=list(FAMILIES), help="ranker families")
+    ap.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the rankers already in --out; compute only the missing ones",
+    )
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=Path("text8-selection.json"))
     args = ap.parse_args()
@@ -60,25 +80,17 @@ def main() -> None:
     suite = load_task_suite("text8")
     tasks = {t.name: t for t in suite}
     targets = args.targets or list(tasks)
+    previous = _read_previous(args.out) if args.update and args.out.exists() else {}
     experts = train_experts(suite, cache, steps=args.expert_steps, progress=True)
     backbones = {
         "MiniLM-L6 (pretrained)": default_backbone_dir(),
         "MiniLM-L3 (pretrained)": paraphrase_minilm_l3_dir(),
     }
     pretrained = Encoder.load(default_backbone_dir())
-    base_features = {n: pretrained.encode(t.texts("train")[: args.examples]) for n, t in tasks.items()}
-    mean_embedding = {n: f.mean(0) for n, f in base_features.items()}
-    # ESM-style maps: per source expert, a ridge-regression linear map from the pretrained encoder's features to
-    # the expert's, fitted on the source's own training texts; a target is then scored by LogME on its mapped
-    # pretrained features, without running the expert on the target.
-    esm_maps = {
-        n: _ridge_map(
-            base_features[n], Encoder.load(experts[n].path).encode(t.texts("train")[: args.examples])
-        )
-        for n, t in tasks.items()
-    }
+    rankers = _Rankers(args, tasks, experts, pretrained, backbones)
 
-    out: dict = {"settings": vars(args) | {"cache_dir": str(cache), "out": str(args.out)}, "targets": {}}
+    settings = {k: v for k, v in vars(args).items() if k not in ("update", "rankers", "out")}
+    out: dict = {"settings": settings | {"cache_dir": "<cache>"}, "targets": {}}
     start = time.perf_counter()
     for target_name in targets:
         target = tasks[target_name]
@@ -93,42 +105,140 @@ def main() -> None:
                 target, backbone_dir=path, out_dir=run_dir, steps=args.steps, progress=False
             )
             truth[name] = fine_tuned.test_accuracy[target_name]
-        table = rank.score_candidates(target, candidates, METRICS, max_examples=args.examples)
-        scores = {m: {row["name"]: row["scores"][m] for row in table} for m in METRICS}
-        params = {row["name"]: row["num_parameters"] for row in table}
-        scores["parameter count"] = {n: float(params[n]) for n in candidates}
-        order = list(backbones) + [n for n in candidates if n not in backbones]
-        scores["pretrained first"] = {n: float(len(order) - i) for i, n in enumerate(order)}
-        target_vec = mean_embedding[target_name]
-        text_emb = {
-            f"{n} expert": float(torch.cosine_similarity(mean_embedding[n], target_vec, dim=0))
-            for n in tasks
-            if n != target_name
-        }
-        target_labels = torch.tensor(target.labels("train")[: args.examples])
-        esm = {
-            f"{n} expert": float(logme(base_features[target_name] @ esm_maps[n], target_labels))
-            for n in tasks
-            if n != target_name
-        }
-        experts_only = {k: truth[k] for k in text_emb}
+        scores: dict[str, dict[str, float]] = dict(previous.get(target_name, {}))
+        for family in args.rankers:
+            missing = [r for r in rankers.names(family) if r not in scores]
+            if missing:
+                scores.update(rankers.score(family, target_name, candidates))
         out["targets"][target_name] = {
             "truth": truth,
             "scores": scores,
-            "text_emb": text_emb,
-            "esm_logme": esm,
-            "evaluation": {m: evaluate_ranker(s, truth) for m, s in scores.items()}
-            | {"TextEmb (experts only)": evaluate_ranker(text_emb, experts_only)}
-            | {"ESM + LogME (experts only)": evaluate_ranker(esm, experts_only)}
-            | {
-                "LogME (experts only)": evaluate_ranker(
-                    {k: scores["logme"][k] for k in experts_only}, experts_only
-                )
-            }
+            "evaluation": {name: evaluate_ranker(s, {c: truth[c] for c in s}) for name, s in scores.items()}
             | {"random (expected)": random_ranker(truth)},
         }
         print(f"{target_name}: done at {time.perf_counter() - start:.0f} s", flush=True)
         _write(args.out, out, start)  # after every target: an interrupted run keeps what it measured
+
+
+class _Rankers:
+    """The ranker families: each scores a target's candidates (or only its expert candidates)."""
+
+    def __init__(
+        self, args: argparse.Namespace, tasks: dict, experts: dict, pretrained: Encoder, backbones: dict
+    ):
+        self.args, self.tasks, self.experts, self.pretrained, self.backbones = (
+            args, tasks, experts, pretrained, backbones
+        )  # fmt: skip
+        self._base_features: dict[str, torch.Tensor] = {}
+        self._fisher: dict[str, torch.Tensor] = {}
+        self._esm_maps: dict[str, torch.Tensor] = {}
+
+    def names(self, family: str) -> list[str]:
+        return {
+            "metrics": list(METRICS) + ["LogME (experts only)"],
+            "baselines": ["parameter count", "pretrained first"],
+            "head": ["LEEP (experts only)", "NCE (experts only)"],
+            "textemb": ["TextEmb (experts only)"],
+            "taskemb": ["TaskEmb (experts only)"],
+            "esm": ["ESM + LogME (experts only)"],
+        }[family]
+
+    def score(self, family: str, target: str, candidates: dict) -> dict[str, dict[str, float]]:
+        experts = {n: p for n, p in candidates.items() if n not in self.backbones}
+        sources = {f"{n} expert": n for n in self.tasks if f"{n} expert" in experts}
+        examples = self.args.examples
+        if family == "metrics":
+            table = rank.score_candidates(self.tasks[target], candidates, METRICS, max_examples=examples)
+            out = {m: {row["name"]: row["scores"][m] for row in table} for m in METRICS}
+            out["LogME (experts only)"] = {n: out["logme"][n] for n in experts}
+            return out
+        if family == "baselines":
+            params = {n: float(_parameter_count(p)) for n, p in candidates.items()}
+            order = list(self.backbones) + [n for n in candidates if n not in self.backbones]
+            return {
+                "parameter count": params,
+                "pretrained first": {n: float(len(order) - i) for i, n in enumerate(order)},
+            }
+        if family == "head":
+            table = rank.score_candidates(
+                self.tasks[target], experts, rank.HEAD_METRICS, max_examples=examples
+            )
+            return {
+                "LEEP (experts only)": {row["name"]: row["scores"]["leep"] for row in table},
+                "NCE (experts only)": {row["name"]: row["scores"]["nce"] for row in table},
+            }
+        if family == "textemb":
+            target_vec = self._features(target).double().mean(0)
+            return {
+                "TextEmb (experts only)": {
+                    c: embedding_similarity(self._features(s).double().mean(0), target_vec)
+                    for c, s in sources.items()
+                }
+            }
+        if family == "taskemb":
+            return {
+                "TaskEmb (experts only)": {
+                    c: embedding_similarity(self._fisher_of(s), self._fisher_of(target))
+                    for c, s in sources.items()
+                }
+            }
+        if family == "esm":
+            labels = torch.tensor(self.tasks[target].labels("train")[:examples])
+            return {
+                "ESM + LogME (experts only)": {
+                    c: float(logme(self._features(target) @ self._esm_map(s), labels))
+                    for c, s in sources.items()
+                }
+            }
+        raise ValueError(family)
+
+    def _features(self, task: str) -> torch.Tensor:
+        if task not in self._base_features:
+            texts = self.tasks[task].texts("train")[: self.args.examples]
+            self._base_features[task] = self.pretrained.encode(texts)
+        return self._base_features[task]
+
+    def _fisher_of(self, task: str) -> torch.Tensor:
+        if task not in self._fisher:
+            t, n = self.tasks[task], self.args.fisher_examples
+            started = time.perf_counter()
+            self._fisher[task] = fisher_embedding(
+                self.pretrained, t.texts("train")[:n], t.labels("train")[:n]
+            )
+            print(f"  TaskEmb of {task}: {time.perf_counter() - started:.1f} s", flush=True)
+        return self._fisher[task]
+
+    def _esm_map(self, task: str) -> torch.Tensor:
+        # ESM-style: a ridge-regression linear map from the pretrained encoder's features to the source expert's,
+        # fitted on the source's own training texts; a target is scored by LogME on its mapped pretrained
+        # features, without running the expert on the target.
+        if task not in self._esm_maps:
+            texts = self.tasks[task].texts("train")[: self.args.examples]
+            expert_features = Encoder.load(self.experts[task].path).encode(texts)
+            self._esm_maps[task] = _ridge_map(self._features(task), expert_features)
+        return self._esm_maps[task]
+
+
+def _parameter_count(path: Path) -> int:
+    return sum(p.numel() for p in Encoder.load(path).model.parameters())
+
+
+def _read_previous(path: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Per target, the ranker scores of an earlier run (also the layout before the ranker families)."""
+    data = json.loads(path.read_text())
+    previous = {}
+    for target, result in data.get("targets", {}).items():
+        scores = dict(result.get("scores", {}))
+        if "text_emb" in result:
+            scores["TextEmb (experts only)"] = result["text_emb"]
+        if "esm_logme" in result:
+            scores["ESM + LogME (experts only)"] = result["esm_logme"]
+        if "logme" in scores and "LogME (experts only)" not in scores:
+            scores["LogME (experts only)"] = {
+                n: v for n, v in scores["logme"].items() if "pretrained" not in n
+            }
+        previous[target] = scores
+    return previous
 
 
 def _write(path: Path, out: dict, start: float) -> None:
