@@ -191,58 +191,46 @@ def _load_and_compute(
 def _iter_parallel(
     plan: MergePlan, device: torch.device, check_finite: bool, workers: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Small jobs run whole (read, merge, cast) on ``workers`` single-threaded workers; a big job runs on the
-    calling thread with all threads while the workers go on with the small jobs after it; results in plan order.
+    """Small jobs run whole (read, merge, cast) on ``workers`` single-threaded workers, results in plan order;
+    a big job waits for the pool to drain and runs alone on the calling thread with all threads.
 
     Why: a merge's chunk loops issue thousands of small ops that run best on one intra-op thread (see
     ``methods/_sparsify.py``), so one merge uses one core; independent tensors on separate workers use them
     all.  Each op releases the GIL, so workers contend only for the few microseconds of Python between ops.
-    Memory: at most one big job and ``workers + 1`` small jobs (each under ``PREFETCH_MAX_BYTES``) at a time.
+    Memory: at most ``workers + 1`` small jobs (each under ``PREFETCH_MAX_BYTES``) are in flight.  (Letting the
+    workers go on with later small jobs while a big one runs measured no faster: more threads than cores.)
     """
     threads = torch.get_num_threads()
-    jobs = plan.jobs
-    # plan order; a small job's future, or None for a big job still to run here
-    window: deque[tuple[TensorJob, Future[torch.Tensor] | None]] = deque()
-    small_in_window = 0
-    big_in_window = False
-    submitted = 0
+    window: deque[tuple[str, Future[torch.Tensor]]] = deque()
     torch.set_num_threads(1)  # torch gates intra-op parallelism on this process-wide count
     try:
         with ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="transfuse-merge", initializer=pin_to_one_thread
         ) as pool:
             try:
-                while submitted < len(jobs) or window:
-                    while submitted < len(jobs):  # top up the window, in plan order
-                        job = jobs[submitted]
-                        if _small(plan, job):
-                            if small_in_window > workers:
-                                break
-                            future = pool.submit(_load_and_compute, plan, job, device, check_finite)
-                            window.append((job, future))
-                            small_in_window += 1
-                        else:
-                            if big_in_window:
-                                break
-                            window.append((job, None))
-                            big_in_window = True
-                        submitted += 1
-                    job, pending = window.popleft()
-                    if pending is not None:
-                        small_in_window -= 1
-                        yield job.name, pending.result()
+                for job in plan.jobs:
+                    if _small(plan, job):
+                        while len(window) > workers:
+                            name, future = window.popleft()
+                            yield name, future.result()
+                        future = pool.submit(_load_and_compute, plan, job, device, check_finite)
+                        window.append((job.name, future))
                         continue
+                    while window:
+                        name, future = window.popleft()
+                        yield name, future.result()
                     torch.set_num_threads(threads)
                     try:
                         merged = _load_and_compute(plan, job, device, check_finite)
                     finally:
                         torch.set_num_threads(1)
-                    big_in_window = False
                     yield job.name, merged
+                while window:
+                    name, future = window.popleft()
+                    yield name, future.result()
             finally:
-                for _, pending in window:
-                    if pending is not None:
-                        pending.cancel()
+                for _, future in window:
+                    future.cancel()
     finally:
         torch.set_num_threads(threads)
 
