@@ -42,7 +42,10 @@ def merge(
     ] = None,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
     threads: Annotated[
-        int | None, typer.Option(help="CPU threads for the math (default: torch's, = cores).")
+        int | None,
+        typer.Option(
+            help="CPU threads (default: torch's, = cores); with N > 1, N small tensors merge at once, one per thread."
+        ),
     ] = None,
     seed: Annotated[
         int | None, typer.Option(help="Seed of random methods (DARE, DELLA); overrides the recipe.")
