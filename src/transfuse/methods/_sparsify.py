@@ -109,7 +109,8 @@ def per_model_values(values: Tensor) -> list[float]:
 # Masks are applied with float ops only (hardshrink, threshold, clamp, multiply by a 0/1 float): on CPU a
 # boolean-output comparison or ``masked_fill_`` costs 1-5 ns per entry, a float op 0.1-0.2 ns.
 
-CHUNK = 1 << 19  # entries per chunk on CPU: 2 MiB of float32, cache-resident (L2/L3) with its scratch buffers
+# entries per chunk on CPU: 1 MiB of float32, the L2 size here; two engine workers ran ~8% faster than at 2 MiB
+CHUNK = 1 << 18
 _DEVICE_CHUNK = 1 << 24  # accelerator: few large launches; float32 sums of 0/1 flags stay exact (<= 2**24)
 _SAMPLE = 1 << 16
 _SAMPLE_SEED = 0x5EED  # fixed: thresholds never depend on any caller's random state
