@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,12 +24,6 @@ from transfuse.select.affinity import (
 )
 from transfuse.select.pool_affinity import measure_affinity, render_affinity_markdown, write_affinity
 from transfuse.train import train_experts
-
-_spec = importlib.util.spec_from_file_location(
-    "_tiny_fixtures", Path(__file__).parents[1] / "eval" / "conftest.py"
-)
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
 
 
 def _vectors(k: int = 3, n: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -120,11 +112,11 @@ def test_task_vector_errors():
     assert vectors["b"].tolist() == [2.0, 2.0, 2.0]  # integer tensors are not part of a task vector
 
 
-def test_pool_affinity_end_to_end(tmp_path):
+def test_pool_affinity_end_to_end(tmp_path, tiny):
     torch.set_num_threads(1)
-    backbone = _tiny.build_tiny_backbone(tmp_path / "backbone")
-    colour, animal = _tiny.tiny_suite()
-    third = _tiny.tiny_task("size", ["big", "very"], ["small", "a"], 3, ["large", "little"])
+    backbone = tiny.build_tiny_backbone(tmp_path / "backbone")
+    colour, animal = tiny.tiny_suite()
+    third = tiny.tiny_task("size", ["big", "very"], ["small", "a"], 3, ["large", "little"])
     suite = [colour, animal, third]
     experts = train_experts(
         suite,
@@ -159,17 +151,12 @@ def test_pool_affinity_end_to_end(tmp_path):
     assert "Measured interference" in render_affinity_markdown(result)
 
 
-def test_cli_affinity_on_two_text8_tasks(tmp_path):
+def test_cli_affinity_on_two_text8_tasks(tmp_path, text8_fixtures):
     from typer.testing import CliRunner
 
     from transfuse.cli import app
 
-    spec = importlib.util.spec_from_file_location(
-        "_bench_fixtures", Path(__file__).parents[1] / "bench" / "conftest.py"
-    )
-    bench_fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_fixtures)
-    backbone = bench_fixtures.build_text8_backbone(tmp_path / "backbone", words=500)
+    backbone = text8_fixtures.build_text8_backbone(tmp_path / "backbone", words=500)
     args = [
         "affinity",
         "text8",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,20 +15,14 @@ from transfuse.select import logme, nce
 from transfuse.select.rank import RankingError, candidate_name, rank_sources
 from transfuse.train import train_experts
 
-_spec = importlib.util.spec_from_file_location(
-    "_tiny_fixtures", Path(__file__).parents[1] / "eval" / "conftest.py"
-)
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
-
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory):
+def pool(tmp_path_factory, tiny):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("rank")
-    backbone = _tiny.build_tiny_backbone(root / "backbone")
-    other = _tiny.build_tiny_backbone(root / "other_random", seed=5)
-    suite = _tiny.tiny_suite()
+    backbone = tiny.build_tiny_backbone(root / "backbone")
+    other = tiny.build_tiny_backbone(root / "other_random", seed=5)
+    suite = tiny.tiny_suite()
     experts = train_experts(
         suite,
         root / "cache",

@@ -3,9 +3,6 @@ and errors.  Uses the tiny random BERT of tests/eval/conftest.py."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -19,22 +16,16 @@ from transfuse.select.task_embedding import (
     text_embedding,
 )
 
-_spec = importlib.util.spec_from_file_location(
-    "_tiny_fixtures_taskemb", Path(__file__).parents[1] / "eval" / "conftest.py"
-)
-_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_tiny)
-
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory):
+def encoder(tmp_path_factory, tiny):
     torch.set_num_threads(1)
-    return Encoder.load(_tiny.build_tiny_backbone(tmp_path_factory.mktemp("taskemb_backbone")))
+    return Encoder.load(tiny.build_tiny_backbone(tmp_path_factory.mktemp("taskemb_backbone")))
 
 
 @pytest.fixture(scope="module")
-def task():
-    examples = _tiny.tiny_suite()[0].train[:24]
+def task(tiny):
+    examples = tiny.tiny_suite()[0].train[:24]
     return [e.text for e in examples], [e.label for e in examples]
 
 
