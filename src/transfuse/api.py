@@ -129,7 +129,9 @@ def merge_state_dicts(
 
     ``params`` are the method's parameters (see ``transfuse methods``).  A per-model parameter (e.g. ``weight``,
     ``density``) is a scalar for all models or a sequence with one value per model; global ones are scalars.
-    ``base`` may be ``None`` only for methods that need no base (``linear``).
+    ``base`` may be ``None`` only for methods that need no base (``linear``).  On a CPU with several torch threads
+    the tensors merge in parallel on that many single-threaded workers; meanwhile torch's process-wide thread
+    count reads 1 (it is restored on return).
     """
     if not models:
         raise RecipeError("merge_state_dicts needs at least one model")
