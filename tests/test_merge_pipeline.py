@@ -286,17 +286,28 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "breadcrumbs", "tsv"])
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties", "breadcrumbs", "magmax", "tsv"])
 def test_serial_parallel_and_mixed_engine_paths_are_bit_identical(
     files, tmp_path, monkeypatch, restore_threads, method
 ):
     import transfuse.engine as engine
+    import transfuse.methods._sparsify as sparsify
 
+    monkeypatch.setattr(sparsify, "CHUNK", 8)  # several chunks per tensor, in every run
+    monkeypatch.setattr(sparsify, "_SAMPLE", 64)
+    parallel_maps = []
+    real_map_parallel = sparsify.Workspace._map_parallel
+
+    def spy(self, *args):
+        parallel_maps.append(len(self.ranges))
+        return real_map_parallel(self, *args)
+
+    monkeypatch.setattr(sparsify.Workspace, "_map_parallel", spy)
     params = {"density": 0.5} if method in ("ties", "dare_ties", "breadcrumbs") else {}
     recipe = write_recipe(tmp_path, files, method=method, parameters=params)
     outputs = {}
-    # one thread: jobs in turn with a reader thread; two: a worker pool; mixed: embed_tokens (40 entries) is a
-    # "big" job that drains the pool and runs alone between pooled small jobs
+    # one thread: jobs in turn with a reader thread; two: a worker pool; mixed: embed_tokens (40 entries, five
+    # chunks) is a "big" job that drains the pool and runs alone, its chunks spread over two threads
     for label, threads, prefetch_max in [("serial", 1, None), ("pool", 2, None), ("mixed", 2, 4 * 3 * 20)]:
         if prefetch_max is not None:
             monkeypatch.setattr(engine, "PREFETCH_MAX_BYTES", prefetch_max)
@@ -305,6 +316,8 @@ def test_serial_parallel_and_mixed_engine_paths_are_bit_identical(
         outputs[label] = (out / "model.safetensors").read_bytes()
         assert torch.get_num_threads() == threads  # the pool's single-thread setting does not leak
     assert outputs["serial"] == outputs["pool"] == outputs["mixed"]
+    if method != "tsv":  # (SVD methods do not loop over chunks)
+        assert parallel_maps, "the big job's chunk loops should have run on the chunk pool"
 
 
 def test_worker_error_propagates_and_restores_threads(files, tmp_path, restore_threads):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from transfuse.errors import NonFiniteTensorError
-from transfuse.methods._sparsify import pin_to_one_thread
+from transfuse.methods._sparsify import parallel_chunks, pin_to_one_thread
 from transfuse.plan import MergePlan, TensorJob
 
 # Jobs whose float32 working set is below this are prefetched while the previous job computes.
@@ -192,7 +192,8 @@ def _iter_parallel(
     plan: MergePlan, device: torch.device, check_finite: bool, workers: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Small jobs run whole (read, merge, cast) on ``workers`` single-threaded workers, results in plan order;
-    a big job waits for the pool to drain and runs alone on the calling thread with all threads.
+    a big job waits for the pool to drain and runs alone on the calling thread with all threads, its chunk loops
+    spread over ``workers`` threads (``parallel_chunks``).
 
     Why: a merge's chunk loops issue thousands of small ops that run best on one intra-op thread (see
     ``methods/_sparsify.py``), so one merge uses one core; independent tensors on separate workers use them
@@ -221,7 +222,8 @@ def _iter_parallel(
                         yield name, future.result()
                     torch.set_num_threads(threads)
                     try:
-                        merged = _load_and_compute(plan, job, device, check_finite)
+                        with parallel_chunks(workers):  # its chunk loops use every core
+                            merged = _load_and_compute(plan, job, device, check_finite)
                     finally:
                         torch.set_num_threads(1)
                     yield job.name, merged

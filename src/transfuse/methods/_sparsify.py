@@ -18,6 +18,7 @@ import itertools
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import NamedTuple, TypeVar
 
@@ -144,9 +145,31 @@ class Workspace:
         self.scratch = Scratch(size, self.device)
 
     def map(self, fn: Callable[[int, int, int, Scratch], T]) -> list[T]:
-        """``[fn(c, start, stop, scratch) for each chunk c]``, results in chunk order."""
+        """``[fn(c, start, stop, scratch) for each chunk c]``, results in chunk order.
+
+        Inside ``parallel_chunks`` (the engine's big tensors) the chunks are split into contiguous groups, one
+        per pinned worker with its own scratch; ``fn`` must touch only its own chunk (every caller's does).
+        """
+        pool = getattr(_chunk_pool, "executor", None)
+        workers = getattr(_chunk_pool, "workers", 1)
+        if pool is not None and self.device.type == "cpu" and len(self.ranges) >= 2 * workers:
+            return self._map_parallel(fn, pool, workers)
         with single_threaded(self.device):
             return [fn(c, start, stop, self.scratch) for c, (start, stop) in enumerate(self.ranges)]
+
+    def _map_parallel(
+        self, fn: Callable[[int, int, int, Scratch], T], pool: Executor, workers: int
+    ) -> list[T]:
+        chunks = list(enumerate(self.ranges))
+        bounds = [len(chunks) * g // workers for g in range(workers + 1)]
+        size = self.scratch.a.numel()
+
+        def run(group: list[tuple[int, tuple[int, int]]]) -> list[T]:
+            scratch = Scratch(size, self.device)
+            return [fn(c, start, stop, scratch) for c, (start, stop) in group]
+
+        futures = [pool.submit(run, chunks[bounds[g] : bounds[g + 1]]) for g in range(workers)]
+        return [result for future in futures for result in future.result()]
 
 
 #: Intra-op threads for chunk loops: None = PyTorch's current setting, 1 = single-threaded (see above).
@@ -161,6 +184,26 @@ def pin_to_one_thread() -> None:
     from a worker would undo the pin)."""
     torch.set_num_threads(1)
     _pinned.value = True
+
+
+_chunk_pool = threading.local()
+
+
+@contextmanager
+def parallel_chunks(workers: int) -> Iterator[None]:
+    """Within this block, ``Workspace.map`` called from this thread spreads the chunks of a CPU tensor over
+    ``workers`` threads pinned to one torch thread each (for tensors too big to merge several at once)."""
+    if workers <= 1:
+        yield
+        return
+    with ThreadPoolExecutor(
+        workers, thread_name_prefix="transfuse-chunks", initializer=pin_to_one_thread
+    ) as pool:
+        _chunk_pool.executor, _chunk_pool.workers = pool, workers
+        try:
+            yield
+        finally:
+            _chunk_pool.executor, _chunk_pool.workers = None, 1
 
 
 @contextmanager
