@@ -193,7 +193,7 @@ def _iter_parallel(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Small jobs run whole (read, merge, cast) on ``workers`` single-threaded workers, results in plan order;
     a big job waits for the pool to drain and runs alone on the calling thread with all threads, its chunk loops
-    spread over ``workers`` threads (``parallel_chunks``).
+    spread over the then idle workers (``parallel_chunks``).
 
     Why: a merge's chunk loops issue thousands of small ops that run best on one intra-op thread (see
     ``methods/_sparsify.py``), so one merge uses one core; independent tensors on separate workers use them
@@ -222,7 +222,7 @@ def _iter_parallel(
                         yield name, future.result()
                     torch.set_num_threads(threads)
                     try:
-                        with parallel_chunks(workers):  # its chunk loops use every core
+                        with parallel_chunks(pool, workers):  # the idle workers take its chunk loops
                             merged = _load_and_compute(plan, job, device, check_finite)
                     finally:
                         torch.set_num_threads(1)

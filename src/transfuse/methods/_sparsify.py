@@ -18,7 +18,7 @@ import itertools
 import math
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from typing import NamedTuple, TypeVar
 
@@ -190,20 +190,18 @@ _chunk_pool = threading.local()
 
 
 @contextmanager
-def parallel_chunks(workers: int) -> Iterator[None]:
+def parallel_chunks(pool: Executor, workers: int) -> Iterator[None]:
     """Within this block, ``Workspace.map`` called from this thread spreads the chunks of a CPU tensor over
-    ``workers`` threads pinned to one torch thread each (for tensors too big to merge several at once)."""
+    ``workers`` threads of ``pool``, which must be pinned to one torch thread each (``pin_to_one_thread``) and
+    otherwise idle (the engine's merge workers while a tensor too big to merge several at once runs)."""
     if workers <= 1:
         yield
         return
-    with ThreadPoolExecutor(
-        workers, thread_name_prefix="transfuse-chunks", initializer=pin_to_one_thread
-    ) as pool:
-        _chunk_pool.executor, _chunk_pool.workers = pool, workers
-        try:
-            yield
-        finally:
-            _chunk_pool.executor, _chunk_pool.workers = None, 1
+    _chunk_pool.executor, _chunk_pool.workers = pool, workers
+    try:
+        yield
+    finally:
+        _chunk_pool.executor, _chunk_pool.workers = None, 1
 
 
 @contextmanager
