@@ -126,9 +126,11 @@ class _Rankers:
     def __init__(
         self, args: argparse.Namespace, tasks: dict, experts: dict, pretrained: Encoder, backbones: dict
     ):
-        self.args, self.tasks, self.experts, self.pretrained, self.backbones = (
-            args, tasks, experts, pretrained, backbones
-        )  # fmt: skip
+        self.args = args
+        self.tasks = tasks
+        self.experts = experts
+        self.pretrained = pretrained
+        self.backbones = backbones
         self._base_features: dict[str, torch.Tensor] = {}
         self._fisher: dict[str, torch.Tensor] = {}
         self._esm_maps: dict[str, torch.Tensor] = {}
@@ -224,21 +226,8 @@ def _parameter_count(path: Path) -> int:
 
 
 def _read_previous(path: Path) -> dict[str, dict[str, dict[str, float]]]:
-    """Per target, the ranker scores of an earlier run (also the layout before the ranker families)."""
-    data = json.loads(path.read_text())
-    previous = {}
-    for target, result in data.get("targets", {}).items():
-        scores = dict(result.get("scores", {}))
-        if "text_emb" in result:
-            scores["TextEmb (experts only)"] = result["text_emb"]
-        if "esm_logme" in result:
-            scores["ESM + LogME (experts only)"] = result["esm_logme"]
-        if "logme" in scores and "LogME (experts only)" not in scores:
-            scores["LogME (experts only)"] = {
-                n: v for n, v in scores["logme"].items() if "pretrained" not in n
-            }
-        previous[target] = scores
-    return previous
+    """Per target, the ranker scores of an earlier run."""
+    return {target: result["scores"] for target, result in json.loads(path.read_text())["targets"].items()}
 
 
 def _write(path: Path, out: dict, start: float) -> None:
