@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 
 def _load(folder: str, name: str) -> ModuleType:
@@ -27,3 +28,33 @@ def tiny() -> ModuleType:
 def text8_fixtures() -> ModuleType:
     """tests/bench/conftest.py: ``build_text8_backbone``."""
     return _load("bench", "_select_text8_fixtures")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """These problems are tiny: torch/MKL threads only add synchronization, which stalls for milliseconds per
+    call when another job keeps the cores busy. One thread for the module, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def train_tiny_experts():
+    """``train(suite, cache_dir, backbone_dir)``: a few fast steps per tiny task (enough to separate them)."""
+    from transfuse.train import train_experts
+
+    def train(suite, cache_dir: Path, backbone_dir: Path) -> dict:
+        return train_experts(
+            suite,
+            cache_dir,
+            backbone_dir=backbone_dir,
+            steps=15,
+            batch_size=8,
+            encoder_lr=3e-3,
+            head_lr=3e-2,
+            progress=False,
+        )
+
+    return train

@@ -23,7 +23,6 @@ from transfuse.select.affinity import (
     upper_pairs,
 )
 from transfuse.select.pool_affinity import measure_affinity, render_affinity_markdown, write_affinity
-from transfuse.train import train_experts
 
 
 def _vectors(k: int = 3, n: int = 50, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -112,22 +111,13 @@ def test_task_vector_errors():
     assert vectors["b"].tolist() == [2.0, 2.0, 2.0]  # integer tensors are not part of a task vector
 
 
-def test_pool_affinity_end_to_end(tmp_path, tiny):
+def test_pool_affinity_end_to_end(tmp_path, tiny, train_tiny_experts):
     torch.set_num_threads(1)
     backbone = tiny.build_tiny_backbone(tmp_path / "backbone")
     colour, animal = tiny.tiny_suite()
     third = tiny.tiny_task("size", ["big", "very"], ["small", "a"], 3, ["large", "little"])
     suite = [colour, animal, third]
-    experts = train_experts(
-        suite,
-        tmp_path / "cache",
-        backbone_dir=backbone,
-        steps=15,
-        batch_size=8,
-        encoder_lr=3e-3,
-        head_lr=3e-2,
-        progress=False,
-    )
+    experts = train_tiny_experts(suite, tmp_path / "cache", backbone)
     base = Encoder.load(backbone).state_dict()
     result = measure_affinity(suite, experts, base, lambda_=0.5, max_examples=20, backbone_dir=backbone)
     assert result["tasks"] == ["colour", "animal", "size"]

@@ -13,26 +13,16 @@ from transfuse.errors import CheckpointError
 from transfuse.models import Encoder
 from transfuse.select import logme, nce
 from transfuse.select.rank import RankingError, candidate_name, rank_sources
-from transfuse.train import train_experts
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory, tiny):
+def pool(tmp_path_factory, tiny, train_tiny_experts):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("rank")
     backbone = tiny.build_tiny_backbone(root / "backbone")
     other = tiny.build_tiny_backbone(root / "other_random", seed=5)
     suite = tiny.tiny_suite()
-    experts = train_experts(
-        suite,
-        root / "cache",
-        backbone_dir=backbone,
-        steps=15,
-        batch_size=8,
-        encoder_lr=3e-3,
-        head_lr=3e-2,
-        progress=False,
-    )
+    experts = train_tiny_experts(suite, root / "cache", backbone)
     return root, backbone, other, suite, experts
 
 

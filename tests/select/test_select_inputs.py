@@ -24,14 +24,7 @@ from transfuse.select import (
 FEATURE_METRICS = [logme, h_score, shrinkage_h_score, gbc, transrate, sfda, tmi, nleep]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These problems are tiny: torch/MKL threads only add synchronization, which stalls for milliseconds per
-    call when another job keeps the cores busy. One thread for this module, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _problem(n=90, d=6, c=3, seed=0):

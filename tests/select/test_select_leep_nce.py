@@ -6,19 +6,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from transfuse.select import leep, nce, nleep
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These problems are tiny: torch/MKL threads only add synchronization, which stalls for milliseconds per
-    call when another job keeps the cores busy. One thread for this module, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _entropy(labels) -> float:
