@@ -6,6 +6,8 @@ the reference's sign election can never disagree with the method's by rounding; 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -264,3 +266,31 @@ def test_params_and_validation():
     with pytest.raises(ParameterError):
         spec.param("sign_election").validate("majority")
     assert spec.param("density").validate("0.5") == 0.5
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "zeros", "all_zero"])
+def test_cpu_scan_matches_a_direct_count(kind):
+    # the numpy scan of one chunk against plain boolean indexing, for brackets with and without ends
+    a = _data(kind, 3000, seed=5).abs()
+    values = sorted(set(a.tolist()))
+    mid = values[len(values) // 2]
+    brackets = [
+        (None, None, [0.0]),
+        (None, mid, [0.0]),
+        (mid, None, []),
+        (values[0], values[-1], values[:1] + values[-1:]),
+        (mid, mid, [mid]),
+    ]
+    # as _bracket makes them: a zero lower end is no lower end, and zeros are then a heavy value
+    brackets = [(lo or None, hi, heavy if lo else sorted({0.0, *heavy})) for lo, hi, heavy in brackets]
+    flags = (np.empty(3000, dtype=bool), np.empty(3000, dtype=bool))
+    above, heavy_counts, parts = sp._scan_cpu(a.numpy(), brackets, flags)
+    for (lo, hi, heavy), got_above, got_counts, got_part in zip(brackets, above, heavy_counts, parts):
+        assert got_above == (int((a > hi).sum()) if hi is not None else 0)
+        assert got_counts == [int((a == v).sum()) for v in heavy]
+        inside = (a > 0) & (a >= (lo if lo is not None else 0)) & (a <= (hi if hi is not None else math.inf))
+        for v in heavy:
+            inside &= a != v
+        if lo is not None and lo == hi and heavy == [lo]:
+            inside &= False  # a one-value bracket only counts
+        assert torch.equal(got_part, a[inside])

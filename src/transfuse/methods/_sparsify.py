@@ -127,12 +127,19 @@ def chunk_ranges(numel: int, device: torch.device | str = "cpu") -> list[tuple[i
 
 
 class Scratch:
-    """Three chunk-sized float32 buffers."""
+    """Three chunk-sized float32 buffers (and, on CPU, two boolean ones, allocated on first use)."""
 
     def __init__(self, size: int, device: torch.device) -> None:
         self.a = torch.empty(size, dtype=torch.float32, device=device)
         self.b = torch.empty(size, dtype=torch.float32, device=device)
         self.c = torch.empty(size, dtype=torch.float32, device=device)
+        self._flags: tuple[np.ndarray, np.ndarray] | None = None
+
+    def flags(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Two numpy boolean buffers of ``size`` entries (CPU only)."""
+        if self._flags is None:
+            self._flags = (np.empty(self.a.numel(), dtype=bool), np.empty(self.a.numel(), dtype=bool))
+        return self._flags[0][:size], self._flags[1][:size]
 
 
 class Workspace:
@@ -312,6 +319,8 @@ def magnitude_thresholds(
         size = stop - start
         a = torch.abs(flat[start:stop], out=s.a[:size])
         chunk_l1 = float(a.sum(dtype=torch.float64)) if l1 else 0.0
+        if a.device.type == "cpu":
+            return (chunk_l1, *_scan_cpu(a.numpy(), brackets, s.flags(size)))
         f, g = s.b[:size], s.c[:size]
         above, heavy_counts, parts = [], [], []
         for lo, hi, heavy in brackets:
@@ -351,6 +360,52 @@ def magnitude_thresholds(
         resolved = _resolve(k - above, parts, heavy, heavy_counts)
         found.append(resolved if resolved is not None else _exact_chunked(flat, k, ws))
     return found, total
+
+
+def _scan_cpu(
+    a: np.ndarray,
+    brackets: list[tuple[float | None, float | None, list[float]]],
+    flags: tuple[np.ndarray, np.ndarray],
+) -> tuple[list[int], list[list[int]], list[Tensor]]:
+    """One chunk of ``magnitude_thresholds``'s scan on CPU, over the magnitudes ``a``: per bracket, the count
+    above it, the count of each heavy value, and the other entries inside it (zeros never), in index order.
+
+    The same results as the float-mask scan below (used on accelerators), in about half the time: numpy's
+    boolean comparisons write one byte per entry and run at ~0.2 ns each here, where a torch comparison with
+    a boolean output costs 1-5 ns.
+    """
+    above_hi, inside = flags
+    above, heavy_counts, parts = [], [], []
+    for lo, hi, heavy in brackets:
+        if hi is not None:
+            np.greater(a, np.float32(hi), out=above_hi)
+            above.append(int(np.count_nonzero(above_hi)))
+        else:
+            above_hi.fill(False)
+            above.append(0)
+        if lo is not None and lo == hi and heavy == [lo]:
+            # the bracket is one (heavy) value, as with coarsely quantised bf16 deltas: count it
+            heavy_counts.append([int(np.count_nonzero(np.equal(a, np.float32(lo), out=inside)))])
+            parts.append(torch.empty(0, dtype=torch.float32))
+            continue
+        # inside = lo <= a <= hi (a > 0 when there is no lower end: zeros are counted, never gathered)
+        if lo is not None:
+            np.greater_equal(a, np.float32(lo), out=inside)
+        else:
+            np.greater(a, np.float32(0.0), out=inside)
+        inside_count = int(np.count_nonzero(inside)) if lo is None else 0
+        np.greater(inside, above_hi, out=inside)  # and not above hi
+        counts = []
+        for value in heavy:
+            if value == 0.0:
+                counts.append(a.size - inside_count)  # the entries that are not positive
+                continue
+            is_value = np.equal(a, np.float32(value), out=above_hi)  # above_hi is no longer needed
+            counts.append(int(np.count_nonzero(is_value)))
+            np.greater(inside, is_value, out=inside)  # leave the heavy value out of the pool
+        heavy_counts.append(counts)
+        parts.append(torch.from_numpy(np.extract(inside, a)))
+    return above, heavy_counts, parts
 
 
 _HEAVY_SHARE = 1 / 64  # a value holding this share of the sample is counted, not gathered
