@@ -161,11 +161,15 @@ def _names(values: list[str] | None) -> tuple[str, ...] | None:
     return tuple(n.strip() for v in values for n in v.split(",") if n.strip())
 
 
+_POOL_HELP = (
+    "Task pool: `text8`, a dir written by `data build`, a folder of CSV/JSONL task files (one task each), "
+    "or task files and hf:DATASET ids, comma-separated."
+)
+
+
 @app.command()
 def bench(
-    pool: Annotated[
-        str, typer.Option(help="Task pool: `text8`, a dir written by `data build`, or a CSV/JSONL task file.")
-    ] = "text8",
+    pool: Annotated[str, typer.Option(help=_POOL_HELP)] = "text8",
     tasks: Annotated[
         list[str] | None, typer.Option("--tasks", help="Only these tasks (comma-separated or repeated).")
     ] = None,
@@ -267,7 +271,10 @@ def _print_bench_table(report) -> None:
 @app.command()
 def rank(
     target: Annotated[
-        str, typer.Option(help="Target task: a task name of --pool, or a CSV/JSONL file of (text, label).")
+        str,
+        typer.Option(
+            help="Target task: a task name of --pool, a CSV/JSONL file of (text, label), or hf:DATASET."
+        ),
     ],
     candidates: Annotated[
         list[str],
@@ -285,7 +292,7 @@ def rank(
         ),
     ] = "logme",
     pool: Annotated[
-        str, typer.Option(help="Where --target names a task: text8 or a prepared dir.")
+        str, typer.Option(help="Where --target names a task: any pool `transfuse bench --pool` takes.")
     ] = "text8",
     max_examples: Annotated[
         int, typer.Option(help="Target training examples scored (first N; 0 = all).")
@@ -306,7 +313,7 @@ def rank(
     BUILTIN_CANDIDATES = {"pretrained": default_backbone_dir, "minilm-l3": paraphrase_minilm_l3_dir}  # noqa: N806
 
     try:
-        if Path(target).is_file():
+        if Path(target).is_file() or target.startswith("hf:"):
             task = list(load_task_suite(target))[0]
         else:
             task = load_task_suite(pool, tasks=[target])[target]
@@ -345,9 +352,7 @@ def rank(
 
 @app.command()
 def affinity(
-    pool: Annotated[
-        str, typer.Argument(help="Task pool: text8, a prepared dir, or a CSV/JSONL file.")
-    ] = "text8",
+    pool: Annotated[str, typer.Argument(help=_POOL_HELP)] = "text8",
     tasks: Annotated[
         list[str] | None, typer.Option("--tasks", help="Only these tasks (comma-separated or repeated).")
     ] = None,
@@ -454,9 +459,7 @@ def data_build(
 
 @data_app.command("show")
 def data_show(
-    suite: Annotated[
-        str, typer.Argument(help="`text8`, a dir written by `data build`, or a CSV/JSONL file.")
-    ] = "text8",
+    suite: Annotated[str, typer.Argument(help=_POOL_HELP)] = "text8",
 ) -> None:
     """Print a task suite's tasks, classes and split sizes."""
     from transfuse.data import load_task_suite

@@ -124,6 +124,42 @@ def test_without_evaluation_cache(text8_backbone, tmp_path):
     assert not (tmp_path / "evaluations").exists()
 
 
+def test_a_folder_of_user_task_files_benchmarks_end_to_end(text8_backbone, tmp_path):
+    # the user's own pool: one CSV / JSONL per task, no manifest
+    pool = tmp_path / "my_pool"
+    pool.mkdir()
+    text8 = load_task_suite("text8", max_train=24)
+    for name, suffix in (("bing_sentiment", ".csv"), ("wordnet_pos", ".jsonl")):
+        task = text8[name]
+        rows = [
+            (e.text, task.label_names[e.label], split)
+            for split in ("train", "test")
+            for e in task.split(split)[:24]
+        ]
+        if suffix == ".csv":
+            lines = ["text,label,split"] + [
+                f'"{t.replace(chr(34), chr(39))}",{lab},{sp}' for t, lab, sp in rows
+            ]
+            (pool / f"mine_{name}{suffix}").write_text("\n".join(lines) + "\n")
+        else:
+            recs = [json.dumps({"text": t, "label": lab, "split": sp}) for t, lab, sp in rows]
+            (pool / f"mine_{name}{suffix}").write_text("\n".join(recs) + "\n")
+    args = ["bench", "--quick", "--pool", str(pool), "--methods", "task_arithmetic", "--steps", "3"]
+    args += [
+        "--backbone",
+        str(text8_backbone),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    result = runner.invoke(app, [*args, "--no-progress", "--no-plots"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["tasks"] == ["mine_bing_sentiment", "mine_wordnet_pos"]
+    assert set(report["results"]["task_arithmetic"]["per_task"]) == set(report["tasks"])
+
+
 # ---- errors, before any work -------------------------------------------------------------------------------
 
 

@@ -81,6 +81,78 @@ def test_load_task_suite_accepts_a_task_file(tmp_path):
     assert len(suite["small"].train) == 4 and suite["small"].class_counts("train") == [2, 2]
 
 
+def test_a_folder_of_task_files_is_a_pool(tmp_path):
+    pool = tmp_path / "my_pool"
+    pool.mkdir()
+    write_csv(pool / "b_topic.csv", "text,label", [f"topic {i},{'xy'[i % 2]}" for i in range(20)])
+    rows = [json.dumps({"text": f"mood {i}", "label": i % 3}) for i in range(30)]
+    (pool / "a_mood.jsonl.gz").write_bytes(gzip.compress(("\n".join(rows) + "\n").encode()))
+    (pool / "notes.txt").write_text("not a task")
+    suite = load_task_suite(pool)
+    assert suite.name == "my_pool" and suite.names == ["a_mood", "b_topic"]  # file-name order
+    assert suite["a_mood"].label_names == ["0", "1", "2"] and len(suite["b_topic"].test) == 2
+    assert load_task_suite(pool, tasks=["b_topic"]).names == ["b_topic"]
+    assert len(load_task_suite(pool, max_train=6)["a_mood"].train) == 6
+    listed = load_task_suite(f"{pool / 'b_topic.csv'}, {pool / 'a_mood.jsonl.gz'}")
+    assert listed.name == "custom" and listed.names == ["b_topic", "a_mood"]  # the order given
+
+
+def test_pool_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TaskDataError, match="neither a manifest.json .* nor task files"):
+        load_task_suite(empty)
+    twice = tmp_path / "twice"
+    twice.mkdir()
+    write_csv(twice / "t.csv", "text,label", ["a,x", "b,y"])
+    (twice / "t.jsonl").write_text('{"text": "c", "label": "x"}\n{"text": "d", "label": "y"}\n')
+    with pytest.raises(TaskDataError, match="two tasks are named 't'"):
+        load_task_suite(twice)
+    with pytest.raises(TaskDataError, match="comma-separated list"):
+        load_task_suite(f"{twice / 't.csv'},{tmp_path / 'missing.csv'}")
+    with pytest.raises(TaskDataError, match="give a dataset id"):
+        load_task_suite("hf:")
+
+
+def test_hf_ids_in_a_pool_go_to_load_hf_task(monkeypatch, tmp_path):
+    import transfuse.data.task as task_module
+
+    calls = []
+
+    def fake(dataset, config=None):
+        calls.append((dataset, config))
+        return Task(dataset, ["a", "b"], [("x", 0), ("y", 1)], [], [("z", 1)])
+
+    monkeypatch.setattr(task_module, "load_hf_task", fake)
+    path = write_csv(tmp_path / "mine.csv", "text,label", [f"m{i},{'ab'[i % 2]}" for i in range(20)])
+    suite = load_task_suite(f"hf:glue/sst2,{path}")
+    assert calls == [("glue", "sst2")] and suite.names == ["glue", "mine"]
+    assert load_task_suite("hf:imdb").names == ["imdb"] and calls[-1] == ("imdb", None)
+
+
+def test_given_splits_drop_texts_already_seen_in_an_earlier_split(tmp_path):
+    rows = [
+        "a,x,train",
+        "b,y,train",
+        "a,x,test",
+        "c,y,validation",
+        " c ,y,test",
+        "d,x,test",
+        "b,y,validation",
+    ]
+    with pytest.warns(UserWarning, match="dropped 3 validation/test row"):
+        task = load_task_file(write_csv(tmp_path / "leaky.csv", "text,label,split", rows))
+    assert (
+        task.texts("train") == ["a", "b"]
+        and task.texts("validation") == ["c"]
+        and task.texts("test") == ["d"]
+    )
+    with pytest.raises(TaskDataError, match="every test text"):
+        load_task_file(
+            write_csv(tmp_path / "all.csv", "text,label,split", ["a,x,train", "b,y,train", "a,x,test"])
+        )
+
+
 @pytest.mark.parametrize(
     ("content", "kwargs", "message"),
     [

@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import io
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -314,6 +315,43 @@ def load_prepared_suite(
     return TaskSuite(manifest["suite"], loaded, manifest)
 
 
+#: File names a folder of user task files may hold (one task each; ``.gz`` of them too).
+TASK_FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")
+
+#: Prefix of a Hugging Face ``datasets`` id in a pool spec: ``hf:ag_news`` or ``hf:glue/sst2``.
+HF_PREFIX = "hf:"
+
+
+def _is_task_file(path: Path) -> bool:
+    name = path.name.lower().removesuffix(".gz")
+    return path.is_file() and name.endswith(TASK_FILE_SUFFIXES)
+
+
+def _load_one_source(source: str) -> Task:
+    """One task of a user pool: a task file, or ``hf:DATASET[/CONFIG]`` (needs `datasets` and network)."""
+    if source.startswith(HF_PREFIX):
+        dataset, _, config = source[len(HF_PREFIX) :].partition("/")
+        if not dataset:
+            raise TaskDataError(f"{source!r}: give a dataset id after {HF_PREFIX!r}, e.g. hf:ag_news")
+        return load_hf_task(dataset, config=config or None)
+    path = Path(source)
+    if not path.is_file():
+        raise TaskDataError(f"{source!r}: no such task file (nor an {HF_PREFIX}DATASET id)")
+    return load_task_file(path)
+
+
+def _user_suite(name: str, sources: Sequence[str]) -> TaskSuite:
+    loaded = [_load_one_source(s) for s in sources]
+    seen: dict[str, str] = {}
+    for task, source in zip(loaded, sources, strict=True):
+        if task.name in seen:
+            raise TaskDataError(
+                f"two tasks are named {task.name!r} ({seen[task.name]} and {source}): rename one file"
+            )
+        seen[task.name] = source
+    return TaskSuite(name, tuple(loaded))
+
+
 def load_task_suite(
     name_or_path: str | Path = "text8",
     *,
@@ -321,15 +359,20 @@ def load_task_suite(
     max_train: int | None = None,
     verify: bool = True,
 ) -> TaskSuite:
-    """Load a task suite: a built-in name (``"text8"``), a prepared directory, or one user task file.
+    """Load a task suite (a pool of tasks) from any of:
 
     - ``"text8"``: the eight TEXT-8 tasks, read from the prepared copy committed in the package (no apt, no
       network, standard library only). ``build_text8`` regenerates it from the Debian packages.
     - a directory with ``manifest.json`` (as written by ``build_text8``);
-    - a ``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json`` file: a suite holding that one task
-      (see :func:`load_task_file` for the format).
+    - a directory of task files (``.csv`` / ``.tsv`` / ``.jsonl`` / ``.json``, optionally ``.gz``): one
+      task per file, named after the file, in file-name order (see :func:`load_task_file` for the format);
+    - one task file: a suite holding that one task;
+    - ``hf:DATASET`` or ``hf:DATASET/CONFIG``: a Hugging Face ``datasets`` dataset (needs the ``datasets``
+      package and network; see :func:`load_hf_task`);
+    - a comma-separated list of task files and ``hf:`` ids: one task each, in that order.
 
     `tasks` picks tasks by name, in that order; `max_train` caps each training split (class-balanced).
+    Raises :class:`TaskDataError` for anything else, and for two tasks of one name.
     """
     if isinstance(name_or_path, str) and name_or_path in BUILTIN_SUITES:
         return load_prepared_suite(
@@ -337,15 +380,30 @@ def load_task_suite(
         )
     path = Path(name_or_path)
     if path.is_dir():
-        return load_prepared_suite(path, tasks=tasks, max_train=max_train, verify=verify)
-    if path.is_file():
-        task = load_task_file(path).with_max_train(max_train)
+        if path.joinpath("manifest.json").is_file():
+            return load_prepared_suite(path, tasks=tasks, max_train=max_train, verify=verify)
+        files = sorted(p for p in path.iterdir() if _is_task_file(p))
+        if not files:
+            raise TaskDataError(
+                f"{path} has neither a manifest.json (a prepared suite) nor task files "
+                f"({', '.join(TASK_FILE_SUFFIXES)}): put one CSV/JSONL file per task there"
+            )
+        suite = _user_suite(path.resolve().name, [str(f) for f in files])
+    elif path.is_file():
+        task = load_task_file(path)
         suite = TaskSuite(task.name, (task,))
-        return suite if tasks is None else suite.select(tasks)
-    raise TaskDataError(
-        f"{str(name_or_path)!r} is neither a built-in suite ({', '.join(BUILTIN_SUITES)}) "
-        "nor an existing prepared directory or task file"
-    )
+    else:
+        text = str(name_or_path)
+        sources = [s.strip() for s in text.split(",") if s.strip()]
+        if not sources or not all(s.startswith(HF_PREFIX) or Path(s).is_file() for s in sources):
+            raise TaskDataError(
+                f"{text!r} is neither a built-in suite ({', '.join(BUILTIN_SUITES)}), an existing prepared "
+                f"directory, a directory of task files, a task file, an {HF_PREFIX}DATASET id, nor a "
+                "comma-separated list of task files and hf: ids"
+            )
+        suite = _user_suite(sources[0].removeprefix(HF_PREFIX) if len(sources) == 1 else "custom", sources)
+    suite = suite.with_max_train(max_train)
+    return suite if tasks is None else suite.select(tasks)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -414,8 +472,10 @@ def task_from_rows(
 
     If no row has a split, duplicates are removed (whitespace-normalized; texts with two labels dropped)
     and the rows are split by :func:`transfuse.data.splits.split_stratified` with `fractions`. If every row
-    has a split, the given splits are kept (texts whitespace-normalized, nothing removed); a missing
-    validation split is then allowed, a missing train or test split is an error. Label names are the
+    has a split, the given splits are kept (texts whitespace-normalized), except that a validation or test
+    row whose text is already in train (or, for test, in validation) is dropped with a warning, so no text is
+    scored on data it was trained on; a missing validation split is then allowed, a missing train or test
+    split is an error. Label names are the
     distinct label values, sorted (numerically when they are all integers), unless `label_names` is given.
     """
     from transfuse.data.splits import dedup_examples, normalize_text, split_stratified
@@ -457,7 +517,22 @@ def task_from_rows(
     for required in ("train", "test"):
         if not parts[required]:
             raise TaskDataError(f"{where}: the split column names no {required!r} rows")
-    return Task(name, names, **parts, **common)
+    # A text seen in an earlier split (train, then validation) would inflate the later split's score.
+    seen = {e.text for e in parts["train"]}
+    leaked = 0
+    for split in ("validation", "test"):
+        kept = [e for e in parts[split] if e.text not in seen]
+        leaked += len(parts[split]) - len(kept)
+        parts[split] = kept
+        seen |= {e.text for e in kept}
+    if not parts["test"]:
+        raise TaskDataError(f"{where}: every test text also appears in train or validation")
+    if leaked:
+        warnings.warn(
+            f"{where}: dropped {leaked} validation/test row(s) whose text is also in an earlier split",
+            stacklevel=2,
+        )
+    return Task(name, names, **parts, metadata={"cross_split_duplicates_dropped": leaked}, **common)
 
 
 def load_task_file(
