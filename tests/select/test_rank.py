@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 
 import pytest
@@ -95,3 +96,29 @@ def test_cli_rank_on_a_user_task_file(pool, tmp_path):
     assert payload["metric"] == "logme" and len(payload["ranking"]) == 3
     assert [r["rank"] for r in payload["ranking"]] == [1, 2, 3]
     assert "animal expert" in result.output
+
+
+def test_cli_rank_on_a_csv_task_file(pool, tmp_path):
+    """A CSV target (columns in any order, a split column, label names, quoting) is read as the same task, so the
+    CLI's scores equal rank_sources on the in-memory task."""
+    _, backbone, other, suite, _ = pool
+    task = suite["animal"]
+    task_file = tmp_path / "pets.csv"
+    with task_file.open("w", newline="") as handle:
+        writer = csv.writer(handle, quoting=csv.QUOTE_NONNUMERIC)
+        writer.writerow(["split", "label", "text"])
+        for split in ("train", "test"):
+            writer.writerows((split, task.label_names[e.label], e.text) for e in task.split(split))
+    out = tmp_path / "ranking.json"
+    result = CliRunner().invoke(
+        app,
+        ["rank", "--target", str(task_file), "--candidates", f"{backbone},{other}", "--max-examples", "40"]
+        + ["--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads(out.read_text())
+    assert payload["target"] == "pets" and payload["metric"] == "logme"
+    expected = rank_sources(task, [backbone, other], "logme", max_examples=40)
+    assert [(r["name"], r["rank"]) for r in payload["ranking"]] == [(r.name, r.rank) for r in expected]
+    for got, want in zip(payload["ranking"], expected):
+        assert got["score"] == pytest.approx(want.score, rel=1e-9)

@@ -128,9 +128,14 @@ def test_differs_from_reference_formula_by_the_dropped_eigenvalues():
     assert abs(np.mean(offsets)) > 0.1  # a large error, not a rounding issue
 
 
-def test_rotation_invariant():
-    f, labels = _problem(60, 10, 3, seed=3)
-    q, _ = np.linalg.qr(np.random.default_rng(4).standard_normal((10, 10)))
+@pytest.mark.parametrize(
+    "n, d, seed", [(60, 10, 3), (20, 50, 3), (20, 40, 60)], ids=["N>D", "N<D", "N<D-boundary-maximum"]
+)
+def test_rotation_invariant(n, d, seed):
+    """F -> F Q (Q orthogonal D x D) keeps F F^T and the spectrum of F^T F, and |m| with it: the evidence is the
+    same function of (alpha, beta) at every shape, N < D included (seed 60: the boundary case above)."""
+    f, labels = _problem(n, d, 3, seed=seed)
+    q, _ = np.linalg.qr(np.random.default_rng(4).standard_normal((d, d)))
     assert logme(f @ q, labels) == pytest.approx(logme(f, labels), rel=1e-9)
 
 
