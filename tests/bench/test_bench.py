@@ -103,6 +103,15 @@ def test_report_numbers_match_the_harness(quick_run, text8_backbone):
     acc = evaluate(merged, heads, suite, max_examples=n, backbone_dir=text8_backbone)
     assert acc == pytest.approx(report["results"]["task_arithmetic"]["per_task"], abs=1e-9)
 
+    # the weight average, formed by hand (no merge code): the report's `linear` row
+    states = [experts[t].encoder_state_dict() for t in QUICK_TASKS]
+    average = {
+        k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+        for k, v in base.items()
+    }
+    acc = evaluate(average, heads, suite, max_examples=n, backbone_dir=text8_backbone)
+    assert acc == pytest.approx(report["results"]["linear"]["per_task"], abs=1e-9)
+
 
 def test_warm_run_trains_and_evaluates_nothing_again(quick_run):
     _, cold, warm, _ = quick_run
