@@ -339,3 +339,26 @@ def test_in_memory_merge_does_not_keep_the_task_vector_stack_alive(restore_threa
     w = merged["w"]
     assert w.dtype == torch.float32
     assert w.untyped_storage().nbytes() == w.numel() * 4  # not a row view of the [3, 64, 32] stack
+
+
+@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize(
+    "method,params", [("ties", {"density": 0.0}), ("linear", {}), ("task_arithmetic", {})]
+)
+def test_reused_work_buffers_never_leak_into_results(restore_threads, method, params, k):
+    # many same-size float32 tensors on a two-worker pool: each worker reuses its buffers from job to job, so a
+    # result aliasing a buffer (density 0 returns the base; linear writes into the first task vector) would be
+    # overwritten by that worker's next job
+    torch.set_num_threads(2)
+    g = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(16, 8, generator=g) for i in range(12)}
+    models = [{n: v + torch.randn(16, 8, generator=g) for n, v in base.items()} for _ in range(k)]
+    merged = transfuse.merge_state_dicts(base, models, method, **params)
+    for n in base:
+        if method == "ties":
+            expected = base[n]
+        elif method == "linear":
+            expected = sum(m[n] for m in models) / k
+        else:
+            expected = base[n] + sum(m[n] - base[n] for m in models)
+        torch.testing.assert_close(merged[n], expected, rtol=1e-6, atol=1e-6)
