@@ -14,6 +14,7 @@ sort yields.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import threading
@@ -304,13 +305,12 @@ def magnitude_thresholds(
                 found.append(Threshold(t, k - greater, ties, [ties]))
         return found, total
 
-    gen = torch.Generator().manual_seed(_SAMPLE_SEED)
-    # One random entry per 1/_SAMPLE of the tensor: lower variance than i.i.d. draws, and ascending
-    # addresses instead of cache-missing random gathers.
-    starts = torch.arange(_SAMPLE + 1, dtype=torch.int64) * n // _SAMPLE
-    widths = (starts[1:] - starts[:-1]).to(torch.float64)
-    offsets = (torch.rand(_SAMPLE, generator=gen, dtype=torch.float64) * widths).long()
-    sample = flat[(starts[:-1] + offsets).to(flat.device)].abs_()
+    positions = _sample_positions(n, _SAMPLE)
+    if flat.device.type == "cpu":
+        sample = np.abs(flat.numpy().take(positions))  # numpy's take: ~10x faster than tensor indexing here
+    else:
+        sample = flat[torch.from_numpy(positions).to(flat.device)].abs_().cpu().numpy()
+    sample.sort()  # one numpy sort of the sample serves every bracket (vs two kthvalue calls per bracket)
     brackets = [_bracket(sample, k / n) for k in ks]
 
     def scan(
@@ -411,23 +411,40 @@ def _scan_cpu(
 _HEAVY_SHARE = 1 / 64  # a value holding this share of the sample is counted, not gathered
 
 
-def _bracket(sample: Tensor, frac: float) -> tuple[float | None, float | None, list[float]]:
+@functools.lru_cache(maxsize=32)
+def _sample_positions(n: int, size: int) -> np.ndarray:
+    """Flat positions of the threshold sample: one random entry per ``1/size`` of ``range(n)`` (fixed seed).
+
+    Stratified: lower variance than i.i.d. draws, and ascending addresses instead of cache-missing random
+    gathers.  Cached per tensor size (a model has few distinct sizes); read-only.
+    """
+    gen = torch.Generator().manual_seed(_SAMPLE_SEED)
+    starts = torch.arange(size + 1, dtype=torch.int64) * n // size
+    widths = (starts[1:] - starts[:-1]).to(torch.float64)
+    offsets = (torch.rand(size, generator=gen, dtype=torch.float64) * widths).long()
+    positions = (starts[:-1] + offsets).numpy()
+    positions.setflags(write=False)
+    return positions
+
+
+def _bracket(sorted_sample: np.ndarray, frac: float) -> tuple[float | None, float | None, list[float]]:
     """``(lo, hi, heavy)``: sample bracket of the top-``frac`` quantile (None = unbounded) and the values
-    inside it frequent enough to count instead of gather (0.0 whenever zeros are inside)."""
-    centre = _SAMPLE * (1.0 - frac)  # ascending sample position of the answer
-    half = _BRACKET_SIGMAS * math.sqrt(_SAMPLE * frac * (1.0 - frac)) + 2.0
+    inside it frequent enough to count instead of gather (0.0 whenever zeros are inside).  ``sorted_sample``
+    holds the sampled magnitudes in ascending order."""
+    size = sorted_sample.size
+    centre = size * (1.0 - frac)  # ascending sample position of the answer
+    half = _BRACKET_SIGMAS * math.sqrt(size * frac * (1.0 - frac)) + 2.0
     lo_pos, hi_pos = math.floor(centre - half), math.ceil(centre + half)
-    lo = sample.kthvalue(lo_pos + 1).values.item() if lo_pos >= 0 else None
-    hi = sample.kthvalue(hi_pos + 1).values.item() if hi_pos < _SAMPLE else None
+    lo = float(sorted_sample[lo_pos]) if lo_pos >= 0 else None
+    hi = float(sorted_sample[hi_pos]) if hi_pos < size else None
     if lo == 0.0:
         lo = None  # zeros are inside: counted as a heavy value
-    inside = sample
-    if lo is not None:
-        inside = inside[inside >= lo]
-    if hi is not None:
-        inside = inside[inside <= hi]
-    values, counts = torch.unique(inside, return_counts=True)
-    heavy = [v for v, c in zip(values.tolist(), counts.tolist(), strict=True) if c >= _HEAVY_SHARE * _SAMPLE]
+    first = int(np.searchsorted(sorted_sample, np.float32(lo), "left")) if lo is not None else 0
+    stop = int(np.searchsorted(sorted_sample, np.float32(hi), "right")) if hi is not None else size
+    values, counts = np.unique(sorted_sample[first:stop], return_counts=True)
+    heavy = [
+        float(v) for v, c in zip(values.tolist(), counts.tolist(), strict=True) if c >= _HEAVY_SHARE * size
+    ]
     if lo is None and 0.0 not in heavy:
         heavy.insert(0, 0.0)
     return lo, hi, heavy
@@ -457,7 +474,11 @@ def _resolve(
 
 def _from_pool(pool: Tensor, parts: list[Tensor], rank: int) -> Threshold:
     """The ``rank``-th largest entry of ``pool`` (all of whose ties lie in the pool)."""
-    t = pool.kthvalue(pool.numel() - rank + 1).values.item()
+    position = pool.numel() - rank  # ascending
+    if pool.device.type == "cpu":
+        t = float(np.partition(pool.numpy(), position)[position])  # numpy's select: ~3x faster than kthvalue
+    else:
+        t = pool.kthvalue(position + 1).values.item()
     per_chunk = [int(torch.eq(p, t).sum()) for p in parts]
     return Threshold(t, rank - int(torch.gt(pool, t).sum()), sum(per_chunk), per_chunk)
 
