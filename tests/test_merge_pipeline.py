@@ -345,11 +345,12 @@ def test_in_memory_merge_does_not_keep_the_task_vector_stack_alive(restore_threa
 @pytest.mark.parametrize(
     "method,params", [("ties", {"density": 0.0}), ("linear", {}), ("task_arithmetic", {})]
 )
-def test_reused_work_buffers_never_leak_into_results(restore_threads, method, params, k):
-    # many same-size float32 tensors on a two-worker pool: each worker reuses its buffers from job to job, so a
-    # result aliasing a buffer (density 0 returns the base; linear writes into the first task vector) would be
-    # overwritten by that worker's next job
-    torch.set_num_threads(2)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reused_work_buffers_never_leak_into_results(restore_threads, method, params, k, threads):
+    # many same-size float32 tensors: each pool worker (two threads) or job parity (one thread, with a reader)
+    # reuses its buffers, so a result aliasing a buffer (linear with one model returns its task-vector row)
+    # would be overwritten by a later job
+    torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     base = {f"w{i}": torch.randn(16, 8, generator=g) for i in range(12)}
     models = [{n: v + torch.randn(16, 8, generator=g) for n, v in base.items()} for _ in range(k)]

@@ -65,22 +65,26 @@ LOAD_CHUNK = 1 << 22
 
 
 class WorkBuffers:
-    """Float32 work buffers (the base, the task-vector stack) kept per thread and reused from job to job.
+    """Float32 work buffers (the base, the task-vector stack) reused from job to job, one set per owner.
 
     A fresh multi-MB buffer page-faults on first touch: filling one cost 1.3-2.1 ns per float32 entry here
-    (with transparent huge pages), a reused one 0.5-0.75 ns; with K=2 that is ~40% of loading.  Only for a
-    thread that loads AND merges a job before loading the next (the engine's workers); a buffer grows to the
-    largest job its thread has seen, so ``clear`` hands them back when a phase of big or small jobs ends.
+    (with transparent huge pages), a reused one 0.5-0.75 ns; with K=2 that is ~40% of loading.  An owner is
+    whoever finishes a job before its set is filled again: by default the calling thread (the engine's pool
+    workers load AND merge each job), or an explicit key (the one-thread path alternates two sets, so the
+    reader fills one while the other is merged).  A set grows to the largest job it has held, so ``clear``
+    hands buffers back when a phase of big or small jobs ends.
     """
 
     def __init__(self) -> None:
-        self._by_thread: dict[int, list[torch.Tensor | None]] = {}
+        self._sets: dict[object, list[torch.Tensor | None]] = {}
         self._lock = threading.Lock()
 
-    def get(self, slot: int, numel: int) -> torch.Tensor:
-        """A flat float32 CPU tensor of ``numel`` entries, the calling thread's buffer number ``slot`` (0 or 1)."""
+    def get(self, slot: int, numel: int, owner: object = None) -> torch.Tensor:
+        """A flat float32 CPU tensor of ``numel`` entries: buffer ``slot`` (0 or 1) of ``owner``'s set
+        (``None``: the calling thread's)."""
+        key = threading.get_ident() if owner is None else owner
         with self._lock:
-            mine = self._by_thread.setdefault(threading.get_ident(), [None, None])
+            mine = self._sets.setdefault(key, [None, None])
         buffer = mine[slot]
         if buffer is None or buffer.numel() < numel:
             mine[slot] = buffer = None  # free the old one before allocating its successor
@@ -88,12 +92,12 @@ class WorkBuffers:
         return buffer[:numel]
 
     def clear(self, *, keep_calling_thread: bool = False) -> None:
-        """Hand back the buffers of every thread (but the caller's, if ``keep_calling_thread``)."""
+        """Hand back every set (but the calling thread's, if ``keep_calling_thread``)."""
         with self._lock:
             mine = threading.get_ident()
-            for thread in list(self._by_thread):
-                if not (keep_calling_thread and thread == mine):
-                    del self._by_thread[thread]
+            for key in list(self._sets):
+                if not (keep_calling_thread and key == mine):
+                    del self._sets[key]
 
 
 def _load(
@@ -102,16 +106,17 @@ def _load(
     device: torch.device,
     check_finite: bool,
     buffers: WorkBuffers | None = None,
+    owner: object = None,
 ) -> _Inputs:
-    """Read one job's inputs into a float32 ``base`` and task-vector stack ``deltas`` (in ``buffers`` if given,
-    on CPU)."""
+    """Read one job's inputs into a float32 ``base`` and task-vector stack ``deltas`` (in ``owner``'s set of
+    ``buffers`` if given, on CPU)."""
     raw_base = plan.base.tensor(job.name)
     if not job.merge:
         return _Inputs(job, raw_base, None)
     k = len(plan.models)
     if buffers is not None and device.type == "cpu":
-        base = buffers.get(0, job.numel).view(job.shape).copy_(raw_base)
-        deltas = buffers.get(1, k * job.numel).view(k, *job.shape)
+        base = buffers.get(0, job.numel, owner).view(job.shape).copy_(raw_base)
+        deltas = buffers.get(1, k * job.numel, owner).view(k, *job.shape)
     else:
         base = raw_base.to(device=device, dtype=torch.float32, copy=True)
         deltas = torch.empty((k, *job.shape), dtype=torch.float32, device=device)
@@ -212,13 +217,19 @@ def iter_merged(
         yield from _iter_parallel(plan, device, check_finite, workers)
         return
     jobs = plan.jobs
+    # Two buffer sets by job parity: the reader fills job i+1's while job i's is merged.  Peak memory stays
+    # that of the biggest job plus one prefetched small job, as without reuse.
+    buffers = WorkBuffers()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-read") as pool:
         pending: Future[_Inputs] | None = None
         for i, job in enumerate(jobs):
-            inputs = pending.result() if pending is not None else _load(plan, job, device, check_finite)
+            if pending is not None:
+                inputs = pending.result()
+            else:
+                inputs = _load(plan, job, device, check_finite, buffers, i % 2)
             pending = None
             if i + 1 < len(jobs) and _small(plan, jobs[i + 1]):
-                pending = pool.submit(_load, plan, jobs[i + 1], device, check_finite)
+                pending = pool.submit(_load, plan, jobs[i + 1], device, check_finite, buffers, (i + 1) % 2)
             merged = compute(plan, inputs, device)
             del inputs
             yield job.name, merged
