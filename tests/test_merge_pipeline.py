@@ -235,6 +235,61 @@ def test_cli_example_dry_run_merge_and_methods(tmp_path):
     assert result.exit_code == 0 and "iso_cts" in result.output
 
 
+def test_dry_run_scans_for_nan_and_lists_parameter_groups(files, tmp_path):
+    runner = CliRunner()
+    gradient = write_recipe(
+        tmp_path, files, parameters={"lambda": [{"filter": "norm", "value": 0.3}, {"value": 1.5}]}
+    )
+    result = runner.invoke(app, ["merge", str(gradient), str(tmp_path / "out"), "--dry-run", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "parameters by tensor" in text and "lambda=0.3" in text and "lambda=1.5" in text
+    assert (
+        "NaN/Inf none in the 13 input tensors read" in text
+    )  # 4 merged x 3 inputs + position_ids of the base
+    broken = load_file(files["m1"])
+    broken["layers.1.w"][0, 0] = float("nan")
+    _save_variant(files, "m1", broken)
+    result = runner.invoke(
+        app,
+        ["merge", str(write_recipe(tmp_path, files)), str(tmp_path / "out"), "--dry-run", "--no-progress"],
+    )
+    text = " ".join(result.output.split())
+    assert (
+        result.exit_code == 2 and "NonFiniteTensorError" in text and "'layers.1.w'" in text and "m1" in text
+    )
+    assert "validation passed" not in text and not (tmp_path / "out").exists()
+
+
+def test_merge_restores_the_callers_thread_count(files, tmp_path, restore_threads):
+    torch.set_num_threads(2)
+    transfuse.merge(write_recipe(tmp_path, files), tmp_path / "o", threads=1, progress=False)
+    assert torch.get_num_threads() == 2
+
+
+def test_a_name_merely_containing_a_vocab_word_is_not_a_vocab_tensor(files, tmp_path):
+    # "shared" is T5's embedding; an MoE "shared_expert" tensor of another size is a plain shape mismatch
+    for key in ("base", "m0", "m1"):
+        sd = load_file(files[key])
+        sd["mlp.shared_expert.w"] = torch.zeros(5 if key == "m0" else 4, 4)
+        _save_variant(files, key, sd)
+    with pytest.raises(ShapeMismatchError, match="shared_expert"):
+        transfuse.merge(
+            write_recipe(tmp_path, files, vocab_mismatch="truncate"), tmp_path / "o", progress=False
+        )
+
+
+def test_methods_and_plan_show_required_parameters_and_whole_summaries(files, tmp_path):
+    result = CliRunner().invoke(app, ["methods"])
+    assert result.exit_code == 0 and "t=required" in "".join(result.output.split())  # rich wraps cells
+    recipe = write_recipe(tmp_path, files, method="consensus")
+    result = CliRunner().invoke(
+        app, ["merge", str(recipe), str(tmp_path / "o"), "--dry-run", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "[sum_t m_t >= k]" in " ".join(result.output.split())  # brackets are not eaten as rich markup
+
+
 def test_cli_bad_recipe_is_a_clean_error(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text("merge_method: ties\nmodels: [a]\nbase_model: b\nfoo: 1\n")
@@ -306,6 +361,7 @@ def test_serial_parallel_and_mixed_engine_paths_are_bit_identical(
     params = {"density": 0.5} if method in ("ties", "dare_ties", "breadcrumbs") else {}
     recipe = write_recipe(tmp_path, files, method=method, parameters=params)
     outputs = {}
+    before = torch.get_num_threads()
     # one thread: jobs in turn with a reader thread; two: a worker pool; mixed: embed_tokens (40 entries, five
     # chunks) is a "big" job that drains the pool and runs alone, its chunks spread over two threads
     for label, threads, prefetch_max in [("serial", 1, None), ("pool", 2, None), ("mixed", 2, 4 * 3 * 20)]:
@@ -314,7 +370,7 @@ def test_serial_parallel_and_mixed_engine_paths_are_bit_identical(
         out = tmp_path / label
         transfuse.merge(recipe, out, threads=threads, seed=3, progress=False)
         outputs[label] = (out / "model.safetensors").read_bytes()
-        assert torch.get_num_threads() == threads  # the pool's single-thread setting does not leak
+        assert torch.get_num_threads() == before  # neither the pool's setting nor --threads leaks
     assert outputs["serial"] == outputs["pool"] == outputs["mixed"]
     if method != "tsv":  # (SVD methods do not loop over chunks)
         assert parallel_maps, "the big job's chunk loops should have run on the chunk pool"

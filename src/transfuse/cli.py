@@ -37,7 +37,7 @@ def merge(
     dtype: Annotated[
         str | None,
         typer.Option(
-            help="Output dtype (float32, bfloat16, float16); default: the recipe's, else the base's."
+            help="Output dtype (float32, bfloat16, float16, float64); default: the recipe's, else the base's."
         ),
     ] = None,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
@@ -51,7 +51,11 @@ def merge(
         int | None, typer.Option(help="Seed of random methods (DARE, DELLA); overrides the recipe.")
     ] = None,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Validate and print the plan; write nothing.")
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Validate (reading every input once for NaN/Inf), print the plan; write nothing.",
+        ),
     ] = False,
     overwrite: Annotated[
         bool,
@@ -73,8 +77,13 @@ def merge(
             if not torch.cuda.is_available():
                 raise TransfuseError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
         if dry_run:
+            from transfuse.engine import check_inputs_finite
+
             with plan_merge(recipe, dtype=dtype, seed=seed) as plan:
                 _print_plan(plan, out_dir)
+                scanned = check_inputs_finite(plan, progress=progress)
+                console.print(f"[bold]NaN/Inf[/] none in the {scanned} input tensors read")
+                console.print(f"[green]validation passed[/]; dry run: nothing written to {out_dir}")
             return
         out = Path(out_dir)
         if out.exists() and any(out.iterdir()) and not overwrite:
@@ -103,8 +112,10 @@ def merge(
 
 
 def _print_plan(plan, out_dir: Path) -> None:
+    from rich.markup import escape
+
     spec = plan.spec
-    console.print(f"[bold]method[/] {spec.name} — {spec.summary}")
+    console.print(f"[bold]method[/] {spec.name} — {escape(spec.summary)}")
     console.print(f"[bold]base[/] {plan.base.source}")
     table = Table("model", "per-model parameters (first tensor)", title="inputs")
     first = next((j for j in plan.jobs if j.merge), None)
@@ -123,20 +134,50 @@ def _print_plan(plan, out_dir: Path) -> None:
         f"{plan.input_bytes / 1e9:.3f} GB in, {plan.output_bytes / 1e9:.3f} GB out; largest {largest.name} "
         f"{list(largest.shape)} ({largest.numel * 4 * (len(plan.models) + 2) / 2**20:.0f} MiB working set)"
     )
+    groups = _parameter_groups(plan)
+    if len(groups) > 1:  # filters or layer gradients give tensors different values
+        table = Table("tensors", "examples", "parameters", title="parameters by tensor")
+        for names, params in groups:
+            examples = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
+            table.add_row(str(len(names)), escape(examples), escape(params))
+        console.print(table)
     for note in plan.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    console.print(f"[green]validation passed[/]; dry run: nothing written to {out_dir}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def _parameter_groups(plan) -> list[tuple[list[str], str]]:
+    """Merged tensors grouped by their resolved parameters, in plan order of first appearance."""
+    groups: dict[str, list[str]] = {}
+    for job in plan.jobs:
+        if not job.merge:
+            continue
+        per_model = "; ".join(
+            f"{k}={[round(v, 6) for v in values]}" for k, values in job.model_params.items()
+        )
+        global_ = ", ".join(f"{k}={v}" for k, v in job.global_params.items())
+        groups.setdefault(f"{per_model}; {global_}" if global_ else per_model, []).append(job.name)
+    return [(names, params) for params, names in groups.items()]
 
 
 @app.command()
 def methods() -> None:
     """List the merge methods with their parameters and defaults."""
+    from rich.markup import escape
+
     from transfuse.methods import available_methods
 
     table = Table("method", "parameters (default) [* = per model]", "MergeKit name", "paper", show_lines=True)
     for spec in available_methods():
-        params = ", ".join(f"{p.name}{'*' if p.per_model else ''}={p.default}" for p in spec.all_params)
-        table.add_row(f"[bold]{spec.name}[/]\n{spec.summary}", params, spec.mergekit_name or "—", spec.paper)
+        params = ", ".join(
+            f"{p.name}{'*' if p.per_model else ''}={'required' if p.default is None else p.default}"
+            for p in spec.all_params
+        )
+        table.add_row(
+            f"[bold]{spec.name}[/]\n{escape(spec.summary)}",
+            escape(params),
+            spec.mergekit_name or "—",
+            spec.paper,
+        )
     console.print(table)
 
 

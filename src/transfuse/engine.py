@@ -176,6 +176,41 @@ def _name_non_finite(plan: MergePlan, job: TensorJob, base: torch.Tensor, deltas
             )
 
 
+def check_inputs_finite(plan: MergePlan, *, progress: bool = False) -> int:
+    """Read every input tensor of the plan once and raise ``NonFiniteTensorError`` naming the first NaN/Inf.
+
+    The merge itself checks each tensor as it streams (one reduction over the task-vector stack, no extra
+    read), and its atomic writer leaves nothing behind on failure; this is the up-front version for a dry
+    run.  Returns the number of tensors read.
+    """
+    inputs = [("the base", plan.base)] + list(zip(plan.labels, plan.models, strict=True))
+    bar = _Progress(len(plan.jobs), plan.input_bytes, "checking") if progress else None
+    read = 0
+    done_bytes = 0
+    try:
+        for job in plan.jobs:
+            for label, checkpoint in inputs if job.merge else inputs[:1]:
+                flat = checkpoint.tensor(job.name).reshape(-1)
+                for lo in range(0, flat.numel(), LOAD_CHUNK):
+                    chunk = flat[lo : lo + LOAD_CHUNK]
+                    if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
+                        bad = int((~torch.isfinite(flat)).sum())
+                        raise NonFiniteTensorError(
+                            f"tensor {job.name!r} of {label} ({getattr(checkpoint, 'source', label)}) holds "
+                            f"{bad} NaN/Inf value(s); fix or re-export it, or drop that model from the recipe"
+                        )
+                del flat, chunk
+                _release(checkpoint, job.name)
+                read += 1
+            done_bytes += job.input_bytes
+            if bar is not None:
+                bar.advance(done_bytes)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return read
+
+
 def compute(plan: MergePlan, inputs: _Inputs, device: torch.device) -> torch.Tensor:
     """The merged tensor of one job, in its output dtype, on the CPU."""
     job = inputs.job
@@ -318,7 +353,11 @@ def run_plan(
     progress: bool = True,
     check_finite: bool = True,
 ) -> MergeStats:
-    """Merge every job of ``plan`` and pass each result to ``sink(name, tensor)`` (e.g. a writer's ``add``)."""
+    """Merge every job of ``plan`` and pass each result to ``sink(name, tensor)`` (e.g. a writer's ``add``).
+
+    ``threads`` sets torch's thread count for the run; the caller's count is restored afterwards.
+    """
+    caller_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -335,6 +374,7 @@ def run_plan(
     finally:
         if bar is not None:
             bar.stop()
+        torch.set_num_threads(caller_threads)
     return MergeStats(
         tensors=len(plan.jobs),
         input_bytes=plan.input_bytes,
@@ -346,12 +386,12 @@ def run_plan(
 class _Progress:
     """A rich progress bar showing tensors/s and input GB/s."""
 
-    def __init__(self, total: int, total_bytes: int) -> None:
+    def __init__(self, total: int, total_bytes: int, label: str = "merging") -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._start = time.perf_counter()
         self._progress = Progress(
-            TextColumn("merging"),
+            TextColumn(label),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("{task.fields[rate]}"),

@@ -260,7 +260,7 @@ def _plan_tensors(
 
 def _reconcile_rows(name, base_shape, infos, labels, base_label, mode) -> tuple[int, ...]:
     rows = []
-    is_vocab = any(v in name for v in _VOCAB_NAMES)
+    is_vocab = any(part in _VOCAB_NAMES for part in name.split("."))  # whole name parts: not "shared_expert"
     for mi, label in zip(infos, labels):
         same_tail = tuple(mi.shape[1:]) == tuple(base_shape[1:]) and len(mi.shape) == len(base_shape)
         if not (is_vocab and same_tail and len(base_shape) >= 1):

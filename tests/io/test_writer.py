@@ -225,6 +225,41 @@ def test_dropped_writer_removes_its_temp_dir(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_a_killed_writers_temp_dir_is_removed_by_the_next_writer(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # a real SIGKILL mid-write: no Python cleanup runs, so the temp dir stays behind
+    child = (
+        "import os, signal, sys, torch\n"
+        "from transfuse.io import ShardedWriter\n"
+        "w = ShardedWriter(sys.argv[1])\n"
+        "w.add('w', torch.ones(1000))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", child, str(tmp_path / "out")], check=False)
+    assert result.returncode == -9
+    stale = leftovers(tmp_path)
+    assert len(stale) == 1 and stale[0].startswith(".out.tmp-")
+    # not ours to judge: another output's dir, another host's, and one of a live process (this one)
+    host = writer_module._HOST
+    other_host = "000000" if host != "000000" else "111111"
+    keep = [
+        f".other.tmp-{host}-999999-0123abcd",  # (pid 999999: no such process)
+        f".out.tmp-{other_host}-999999-0123abcd",
+        f".out.tmp-{host}-{os.getpid()}-0123abcd",
+    ]
+    for name in keep:
+        (tmp_path / name).mkdir()
+    with ShardedWriter(tmp_path / "out") as writer:
+        assert stale[0] not in leftovers(tmp_path)
+        writer.add("w", torch.ones(2))
+        writer.finish()
+    assert leftovers(tmp_path) == sorted(keep)
+    assert load_file(tmp_path / "out" / "model.safetensors")["w"].tolist() == [1.0, 1.0]
+
+
 def test_files_and_config_copy(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -2,9 +2,10 @@
 
 ``ShardedWriter`` buffers tensors into shards of at most ``max_shard_bytes`` and writes each full shard with
 ``safetensors.torch.save_file`` (on one background thread, so writing overlaps with merging).  Everything goes
-into a hidden temp dir beside the target, ``<parent>/.<name>.tmp-<pid>-<random>``; ``finish()`` fsyncs it and
-renames it onto ``out_dir`` in one step, so a crash never leaves a half-written model at ``out_dir``, and a
-failure (or ``abort()``) removes the temp dir.
+into a hidden temp dir beside the target, ``<parent>/.<name>.tmp-<host>-<pid>-<random>``; ``finish()`` fsyncs it
+and renames it onto ``out_dir`` in one step, so a crash never leaves a half-written model at ``out_dir``, and a
+failure (or ``abort()``) removes the temp dir.  A process killed outright cannot clean up: the next writer for
+the same ``out_dir`` on the same host removes such leftovers once their process is gone.
 
 Use it as a context manager::
 
@@ -25,10 +26,13 @@ when that happens without an exception).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
 import struct
 import warnings
 import weakref
@@ -98,6 +102,37 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
             raise
     finally:
         os.close(fd)
+
+
+# This machine's tag in temp dir names: a stale dir is only ever judged by the host whose process made it.
+_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
+    """Remove the temp dirs that writers for ``out_dir`` on this host left when they were killed (SIGKILL,
+    power loss: no Python cleanup ran), i.e. whose process is gone; return what was removed."""
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(?:tmp|old)-{_HOST}-(\d+)-[0-9a-f]{{8}}$")
+    removed = []
+    try:
+        entries = list(out_dir.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
+            _remove_tree(entry)
+            removed.append(entry)
+    return removed
 
 
 def _remove_tree(path: Path) -> None:
@@ -232,7 +267,8 @@ class ShardedWriter:
         parent = self.out_dir.parent
         try:
             parent.mkdir(parents=True, exist_ok=True)
-            self.tmp_dir = parent / f".{self.out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            remove_stale_temp_dirs(self.out_dir)
+            self.tmp_dir = parent / f".{self.out_dir.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
             self.tmp_dir.mkdir()
         except OSError as exc:
             raise WriteError(f"cannot create the output's temp dir in {parent}: {exc}") from exc
@@ -561,7 +597,7 @@ class ShardedWriter:
                 raise WriteError(f"cannot move the finished output into place at {target}: {exc}") from exc
         else:
             # overwrite=True and a non-empty dir is there: swap, keeping the old until the new is in place.
-            old = target.parent / f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+            old = target.parent / f".{target.name}.old-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
             try:
                 os.rename(target, old)
             except OSError as exc:
