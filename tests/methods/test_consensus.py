@@ -69,7 +69,7 @@ def test_task_arithmetic_variant_matches_reference(shape, k, k_min):
     np.testing.assert_allclose(out.numpy(), _expected(base, deltas, weights, 0.8, 0.4, k_min), atol=1e-5)
 
 
-@pytest.mark.parametrize("density", [0.2, 0.5, 1.0])
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.5, 1.0])
 @pytest.mark.parametrize("mask_lambda", [0.2, 0.6])
 def test_ties_variant_matches_reference(density, mask_lambda):
     g = torch.Generator().manual_seed(11)

@@ -107,3 +107,24 @@ def test_degenerate_tensors_stay_finite():
     # A 1-element tensor whose tasks agree is kept (the official 0/0 min-max would give NaN).
     out = _merge(torch.zeros(1), torch.tensor([[0.5], [0.3]]))
     torch.testing.assert_close(out, torch.tensor([0.4]))
+
+
+def test_density_zero_keeps_each_tasks_top_scored_entry():
+    # the quantile at density 0 is each task's maximum score, so nothing is strictly above it: the documented
+    # fallback keeps every task's top-scored entry at weight 1 (the official min-max would give 0/0 there)
+    base, deltas = _tasks(3, (6, 7), seed=5, scale=0.1)  # small: tanh does not saturate into tied top scores
+    weights = torch.tensor([1.0, 0.5, 2.0])
+    out = _merge(base, deltas, weights, density=0.0).numpy().astype(np.float64)
+    k = 3
+    tau = deltas.numpy().reshape(k, -1).astype(np.float64)
+    magnitude = _clip_rows(np.abs(tau), 1e-4, 1e-4)
+    score = np.exp(k * _minmax_rows(magnitude) ** 2) * np.tanh(tau * tau.sum(axis=0))
+    beta = np.zeros_like(score)
+    for t in range(k):
+        assert np.sum(score[t] == score[t].max()) == 1
+        beta[t, np.argmax(score[t])] = 1.0 if score[t].max() > 0 else 0.0
+    merged = (np.sign(tau) * magnitude * weights.numpy()[:, None] * beta).sum(axis=0)
+    merged /= np.maximum(beta.sum(axis=0), 1e-12)
+    expected = base.numpy().astype(np.float64) + merged.reshape(base.shape)
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+    assert np.count_nonzero(out - base.numpy()) <= k
