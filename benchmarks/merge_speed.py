@@ -67,7 +67,7 @@ ALL_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs"]
 ALL_TOOLS = ["transfuse", "mergekit", "copy"]
 # Default matrix, sized to stay near 20 minutes with MergeKit on 2 CPU cores: every method at K=2, and
 # the sparsifying methods again at K=4.  Naming --models/--methods explicitly runs the full cross product.
-DEFAULT_PLAN = [(2, m) for m in ALL_METHODS] + [(4, "linear"), (4, "ties")]
+DEFAULT_PLAN = [(k, m) for k in (2, 4) for m in ALL_METHODS]  # the matrix of issue #2: base+2 and base+4
 
 
 # --------------------------------------------------------------------------------------------- checkpoints
