@@ -227,6 +227,11 @@ def test_cli_example_dry_run_merge_and_methods(tmp_path):
     model = AutoModel.from_pretrained(tmp_path / "out")
     base = AutoModel.from_pretrained(tmp_path / "ex" / "base")
     assert model.config.hidden_size == base.config.hidden_size
+    from transformers import AutoTokenizer  # the base's tokenizer is copied with the weights
+
+    tokens = AutoTokenizer.from_pretrained(tmp_path / "out")("Hi there")["input_ids"]
+    assert tokens == AutoTokenizer.from_pretrained(tmp_path / "ex" / "base")("Hi there")["input_ids"]
+    assert len(tokens) == 9  # [CLS] h ##i t ##h ##e ##r ##e [SEP]
     assert (tmp_path / "out" / "recipe.yaml").exists()
     # A second run into the same dir is refused unless --overwrite.
     result = runner.invoke(app, ["merge", str(recipe), str(tmp_path / "out"), "--no-progress"])

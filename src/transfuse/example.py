@@ -1,4 +1,5 @@
-"""A small built-in merge example: a tiny random BERT base, three "fine-tuned" experts of it, and a TIES recipe.
+"""A small built-in merge example: a tiny random BERT base (with a letter tokenizer), three "fine-tuned" experts
+of it, and a TIES recipe.
 
 Nothing is downloaded: the models are made from a ``transformers`` config with a fixed seed, so the example runs on
 any machine, offline, in seconds.
@@ -31,6 +32,7 @@ def write_example(folder: str | Path, *, hidden: int = 64, layers: int = 2, seed
     )
     base = BertModel(config).eval()
     base.save_pretrained(folder / "base")
+    _letter_tokenizer(config.vocab_size).save_pretrained(folder / "base")  # copied into the merged model
     generator = torch.Generator().manual_seed(seed + 1)
     for i, name in enumerate(EXPERTS):
         expert = BertModel(config).eval()
@@ -58,3 +60,28 @@ def write_example(folder: str | Path, *, hidden: int = 64, layers: int = 2, seed
         + yaml.safe_dump(recipe, sort_keys=False)
     )
     return path
+
+
+def _letter_tokenizer(vocab_size: int):
+    """A WordPiece tokenizer over single letters (plus filler tokens up to ``vocab_size``), built offline."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    words = special + letters + [f"##{c}" for c in letters]
+    words += [f"[unused{i}]" for i in range(vocab_size - len(words))]
+    tokenizer = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
