@@ -257,3 +257,33 @@ def test_git_lfs_pointer_is_explained(tmp_path, file):
     (tmp_path / file).write_text(pointer)
     with pytest.raises(CheckpointError, match="Git LFS pointer"):
         open_checkpoint(tmp_path)
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    raise AssertionError("no RssFile line")
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="page release is Linux-only")
+def test_bin_release_drops_mapped_pages_and_keeps_the_data(tmp_path):
+    big = torch.randn(4096, 2048)  # 32 MiB
+    torch.save({"a": big, "tied": big, "small": torch.arange(10)}, tmp_path / "m.bin")
+    checkpoint = open_checkpoint(tmp_path / "m.bin")
+    assert float(checkpoint.tensor("a").sum()) == float(big.sum())  # touch every page
+    before = _rss_file_kb()
+    checkpoint.release("a")
+    assert before - _rss_file_kb() > 24 * 1024  # most of the 32 MiB left the resident set
+    assert torch.equal(checkpoint.tensor("a"), big) and torch.equal(checkpoint.tensor("tied"), big)
+    checkpoint.release("small")
+    assert checkpoint.tensor("small").tolist() == list(range(10))
+
+
+def test_bin_release_is_a_no_op_for_files_read_into_memory(tmp_path):
+    # the legacy format is not memory-mapped: dropping its pages would zero the data, so release must not
+    big = torch.randn(1024, 1024)
+    torch.save({"a": big}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    checkpoint = open_checkpoint(tmp_path / "legacy.bin")
+    checkpoint.release("a")
+    assert torch.equal(checkpoint.tensor("a"), big)

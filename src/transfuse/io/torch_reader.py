@@ -83,8 +83,12 @@ class TorchCheckpoint(CheckpointBase):
         self._tensors: dict[str, torch.Tensor] = {}
         self._closed = False
         owner: dict[str, Path] = {}
+        self._releasable: set[str] = set()  # tensors whose bytes are verified pages of a file mapping
         for file in self.files:
-            for name, value in load_state_dict(file, source).items():
+            loaded = load_state_dict(file, source)
+            if _mapped_from(file, loaded.values()):
+                self._releasable.update(loaded)
+            for name, value in loaded.items():
                 if name in owner:
                     raise CheckpointError(
                         f"{source}: tensor {name!r} is stored twice, in {owner[name].name} and {file.name}; "
@@ -116,7 +120,55 @@ class TorchCheckpoint(CheckpointBase):
             raise self._missing(name)
         return t
 
+    def release(self, name: str) -> None:
+        """Drop ``name``'s pages from this process's resident set when its file is memory-mapped (the OS page
+        cache keeps them; a later read faults them back in from the file).  A no-op for files read into memory
+        (the legacy format) and off Linux."""
+        if name not in self._releasable or self._closed:
+            return
+        t = self._tensors[name]
+        nbytes = t.untyped_storage().nbytes() if t.numel() else 0
+        if nbytes:
+            _drop_pages(t.untyped_storage().data_ptr(), nbytes)
+
     def close(self) -> None:
         # The mmap is released when the last tensor viewing it is garbage collected.
         self._tensors = {}
         self._closed = True
+
+
+# ---- releasing pages of memory-mapped torch.save files (Linux) ------------------------------------------------
+
+
+def _mapped_from(file: Path, tensors: Any) -> bool:
+    """Whether every tensor's storage lies in a mapping of ``file`` (per /proc/self/maps).  Only then may its
+    pages be dropped: dropping pages of anonymous memory would zero the data."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+    target = str(file.resolve())
+    regions = []
+    for line in maps.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target:
+            start, end = (int(x, 16) for x in parts[0].split("-"))
+            regions.append((start, end))
+    if not regions:
+        return False
+    for t in tensors:
+        storage = t.untyped_storage()
+        ptr, size = storage.data_ptr(), storage.nbytes()
+        if size and not any(start <= ptr and ptr + size <= end for start, end in regions):
+            return False
+    return True
+
+
+def _drop_pages(ptr: int, nbytes: int) -> None:
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    first = ptr - ptr % mmap.PAGESIZE
+    # The mapping is private and never written, so its dropped pages read back from the file unchanged.
+    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(ptr + nbytes - first), mmap.MADV_DONTNEED)
