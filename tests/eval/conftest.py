@@ -79,7 +79,7 @@ def tiny_suite() -> TaskSuite:
     )
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """Tiny models run faster on one thread (and leave the other core to whatever else runs)."""
     before = torch.get_num_threads()

@@ -111,8 +111,7 @@ def test_task_vector_errors():
     assert vectors["b"].tolist() == [2.0, 2.0, 2.0]  # integer tensors are not part of a task vector
 
 
-def test_pool_affinity_end_to_end(tmp_path, tiny, train_tiny_experts):
-    torch.set_num_threads(1)
+def test_pool_affinity_end_to_end(tmp_path, tiny, train_tiny_experts, one_torch_thread):
     backbone = tiny.build_tiny_backbone(tmp_path / "backbone")
     colour, animal = tiny.tiny_suite()
     third = tiny.tiny_task("size", ["big", "very"], ["small", "a"], 3, ["large", "little"])

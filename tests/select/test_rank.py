@@ -17,8 +17,7 @@ from transfuse.select.rank import RankingError, candidate_name, rank_sources
 
 
 @pytest.fixture(scope="module")
-def pool(tmp_path_factory, tiny, train_tiny_experts):
-    torch.set_num_threads(1)
+def pool(tmp_path_factory, tiny, train_tiny_experts, one_torch_thread):
     root = tmp_path_factory.mktemp("rank")
     backbone = tiny.build_tiny_backbone(root / "backbone")
     other = tiny.build_tiny_backbone(root / "other_random", seed=5)

@@ -18,8 +18,7 @@ from transfuse.select.task_embedding import (
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory, tiny):
-    torch.set_num_threads(1)
+def encoder(tmp_path_factory, tiny, one_torch_thread):
     return Encoder.load(tiny.build_tiny_backbone(tmp_path_factory.mktemp("taskemb_backbone")))
 
 
