@@ -266,6 +266,21 @@ def test_dry_run_scans_for_nan_and_lists_parameter_groups(files, tmp_path):
     assert "validation passed" not in text and not (tmp_path / "out").exists()
 
 
+def test_dry_run_check_handles_empty_tensors(tmp_path):
+    from transfuse.api import plan_merge
+    from transfuse.engine import check_inputs_finite
+
+    for name in ("b", "m"):
+        save_file({"w": torch.randn(3), "empty": torch.zeros(0)}, tmp_path / f"{name}.safetensors")
+    recipe = {
+        "merge_method": "linear",
+        "base_model": str(tmp_path / "b.safetensors"),
+        "models": [{"model": str(tmp_path / "m.safetensors")}],
+    }
+    with plan_merge(recipe) as plan:
+        assert check_inputs_finite(plan) == 4  # two tensors of two inputs, the empty one included
+
+
 def test_merge_restores_the_callers_thread_count(files, tmp_path, restore_threads):
     torch.set_num_threads(2)
     transfuse.merge(write_recipe(tmp_path, files), tmp_path / "o", threads=1, progress=False)

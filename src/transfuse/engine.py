@@ -192,14 +192,15 @@ def check_inputs_finite(plan: MergePlan, *, progress: bool = False) -> int:
             for label, checkpoint in inputs if job.merge else inputs[:1]:
                 flat = checkpoint.tensor(job.name).reshape(-1)
                 for lo in range(0, flat.numel(), LOAD_CHUNK):
-                    chunk = flat[lo : lo + LOAD_CHUNK]
-                    if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
+                    if flat.is_floating_point() and not bool(
+                        torch.isfinite(flat[lo : lo + LOAD_CHUNK]).all()
+                    ):
                         bad = int((~torch.isfinite(flat)).sum())
                         raise NonFiniteTensorError(
                             f"tensor {job.name!r} of {label} ({getattr(checkpoint, 'source', label)}) holds "
                             f"{bad} NaN/Inf value(s); fix or re-export it, or drop that model from the recipe"
                         )
-                del flat, chunk
+                del flat
                 _release(checkpoint, job.name)
                 read += 1
             done_bytes += job.input_bytes
