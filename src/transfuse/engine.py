@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -184,10 +185,8 @@ def check_inputs_finite(plan: MergePlan, *, progress: bool = False) -> int:
     run.  Returns the number of tensors read.
     """
     inputs = [("the base", plan.base)] + list(zip(plan.labels, plan.models, strict=True))
-    bar = _Progress(len(plan.jobs), plan.input_bytes, "checking") if progress else None
     read = 0
-    done_bytes = 0
-    try:
+    with _job_progress(plan, progress, "checking") as job_done:
         for job in plan.jobs:
             for label, checkpoint in inputs if job.merge else inputs[:1]:
                 flat = checkpoint.tensor(job.name).reshape(-1)
@@ -203,12 +202,7 @@ def check_inputs_finite(plan: MergePlan, *, progress: bool = False) -> int:
                 del flat
                 _release(checkpoint, job.name)
                 read += 1
-            done_bytes += job.input_bytes
-            if bar is not None:
-                bar.advance(done_bytes)
-    finally:
-        if bar is not None:
-            bar.stop()
+            job_done(job)
     return read
 
 
@@ -362,19 +356,14 @@ def run_plan(
     if threads is not None:
         torch.set_num_threads(threads)
     start = time.perf_counter()
-    done_bytes = 0
-    bar = _Progress(len(plan.jobs), plan.input_bytes) if progress else None
     try:
-        for (name, tensor), job in zip(
-            iter_merged(plan, device=device, check_finite=check_finite), plan.jobs
-        ):
-            sink(name, tensor)
-            done_bytes += job.input_bytes
-            if bar is not None:
-                bar.advance(done_bytes)
+        with _job_progress(plan, progress) as job_done:
+            for (name, tensor), job in zip(
+                iter_merged(plan, device=device, check_finite=check_finite), plan.jobs
+            ):
+                sink(name, tensor)
+                job_done(job)
     finally:
-        if bar is not None:
-            bar.stop()
         torch.set_num_threads(caller_threads)
     return MergeStats(
         tensors=len(plan.jobs),
@@ -384,10 +373,26 @@ def run_plan(
     )
 
 
+@contextmanager
+def _job_progress(
+    plan: MergePlan, enabled: bool, label: str = "merging"
+) -> Iterator[Callable[[TensorJob], None]]:
+    """A callable that advances a progress bar over ``plan``'s jobs by one finished job (a no-op when not
+    ``enabled``); the bar is closed on exit."""
+    if not enabled:
+        yield lambda job: None
+        return
+    bar = _Progress(len(plan.jobs), label)
+    try:
+        yield bar.advance
+    finally:
+        bar.stop()
+
+
 class _Progress:
     """A rich progress bar showing tensors/s and input GB/s."""
 
-    def __init__(self, total: int, total_bytes: int, label: str = "merging") -> None:
+    def __init__(self, total: int, label: str) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self._start = time.perf_counter()
@@ -400,13 +405,14 @@ class _Progress:
             transient=False,
         )
         self._task = self._progress.add_task("merge", total=total, rate="")
-        self._total_bytes = total_bytes
+        self._done_bytes = 0
         self._progress.start()
 
-    def advance(self, done_bytes: int) -> None:
+    def advance(self, job: TensorJob) -> None:
+        self._done_bytes += job.input_bytes
         elapsed = max(time.perf_counter() - self._start, 1e-9)
         completed = self._progress.tasks[0].completed + 1
-        rate = f"{completed / elapsed:.0f} tensors/s, {done_bytes / 1e9 / elapsed:.2f} GB/s"
+        rate = f"{completed / elapsed:.0f} tensors/s, {self._done_bytes / 1e9 / elapsed:.2f} GB/s"
         self._progress.update(self._task, advance=1, rate=rate)
 
     def stop(self) -> None:
