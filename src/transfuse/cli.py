@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from transfuse.errors import TransfuseError
@@ -112,8 +113,6 @@ def merge(
 
 
 def _print_plan(plan, out_dir: Path) -> None:
-    from rich.markup import escape
-
     spec = plan.spec
     console.print(f"[bold]method[/] {spec.name} — {escape(spec.summary)}")
     console.print(f"[bold]base[/] {plan.base.source}")
@@ -162,8 +161,6 @@ def _parameter_groups(plan) -> list[tuple[list[str], str]]:
 @app.command()
 def methods() -> None:
     """List the merge methods with their parameters and defaults."""
-    from rich.markup import escape
-
     from transfuse.methods import available_methods
 
     table = Table("method", "parameters (default) [* = per model]", "MergeKit name", "paper", show_lines=True)
@@ -347,6 +344,7 @@ def rank(
     import json
 
     from transfuse.data import load_task_suite
+    from transfuse.data.task import HF_PREFIX
     from transfuse.io.files import write_text_atomically
     from transfuse.models import default_backbone_dir, paraphrase_minilm_l3_dir
     from transfuse.select.rank import candidate_name, rank_sources
@@ -354,7 +352,7 @@ def rank(
     BUILTIN_CANDIDATES = {"pretrained": default_backbone_dir, "minilm-l3": paraphrase_minilm_l3_dir}  # noqa: N806
 
     try:
-        if Path(target).is_file() or target.startswith("hf:"):
+        if Path(target).is_file() or target.startswith(HF_PREFIX):
             task = list(load_task_suite(target))[0]
         else:
             task = load_task_suite(pool, tasks=[target])[target]

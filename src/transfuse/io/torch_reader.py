@@ -7,6 +7,9 @@ cannot be memory-mapped and are read into memory instead.)
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 import pickle
 import re
 import zipfile
@@ -28,8 +31,8 @@ def load_state_dict(file: Path, source: str | None = None) -> dict[str, torch.Te
     where = f"{file}" if source is None or source == str(file) else f"{file} (from {source})"
     try:
         # The legacy (non-zip) format cannot be memory-mapped.
-        mmap = zipfile.is_zipfile(file)
-        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        mappable = zipfile.is_zipfile(file)
+        obj = torch.load(file, map_location="cpu", weights_only=True, mmap=mappable)
     except pickle.UnpicklingError as exc:
         reason = lfs_pointer_hint(file) or _refusal_reason(str(exc))
         raise CheckpointError(
@@ -164,11 +167,12 @@ def _mapped_from(file: Path, tensors: Any) -> bool:
     return True
 
 
-def _drop_pages(ptr: int, nbytes: int) -> None:
-    import ctypes
-    import mmap
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
-    libc = ctypes.CDLL(None, use_errno=True)
+
+def _drop_pages(ptr: int, nbytes: int) -> None:
     first = ptr - ptr % mmap.PAGESIZE
     # The mapping is private and never written, so its dropped pages read back from the file unchanged.
-    libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(ptr + nbytes - first), mmap.MADV_DONTNEED)
+    _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(ptr + nbytes - first), mmap.MADV_DONTNEED)
