@@ -72,6 +72,21 @@ def test_length_mismatch_and_single_class(metric):
         metric(f, np.zeros(len(f), dtype=int))
 
 
+def _check_label_errors(metric, source, labels):
+    """The errors every metric shares: NaN/Inf labels, lengths that differ either way, a single class."""
+    for bad in (np.nan, np.inf):
+        with pytest.raises(SelectionInputError, match="NaN/Inf labels"):
+            metric(source, np.where(np.arange(len(labels)) == 5, bad, labels.astype(float)))
+    with pytest.raises(SelectionInputError, match="89 labels for 90 samples"):
+        metric(source, labels[:-1])
+    with pytest.raises(SelectionInputError, match="90 labels for 89 samples"):
+        metric(source[:-1], labels)
+    with pytest.raises(SelectionInputError, match="at least two classes"):
+        metric(source, np.zeros(len(labels), dtype=int))
+    with pytest.raises(SelectionInputError, match="at least two classes"):
+        metric(torch.from_numpy(source), torch.full((len(labels),), 4))
+
+
 def test_leep_nan_inf_length_mismatch_and_single_class():
     f, labels = _problem()
     probs = _softmax(f)
@@ -80,16 +95,7 @@ def test_leep_nan_inf_length_mismatch_and_single_class():
         p[5, 2] = bad
         with pytest.raises(SelectionInputError, match="source_probs: .*NaN/Inf.*drop or impute"):
             leep(p, labels)
-        with pytest.raises(SelectionInputError, match="NaN/Inf labels"):
-            leep(probs, np.where(np.arange(len(labels)) == 5, bad, labels.astype(float)))
-    with pytest.raises(SelectionInputError, match="89 labels for 90 samples"):
-        leep(probs, labels[:-1])
-    with pytest.raises(SelectionInputError, match="90 labels for 89 samples"):
-        leep(probs[:-1], labels)
-    with pytest.raises(SelectionInputError, match="at least two classes"):
-        leep(probs, np.zeros(len(f), dtype=int))
-    with pytest.raises(SelectionInputError, match="at least two classes"):
-        leep(torch.from_numpy(probs), torch.full((len(f),), 4))
+    _check_label_errors(leep, probs, labels)
 
 
 def test_nce_nan_inf_length_mismatch_and_single_class():
@@ -100,16 +106,7 @@ def test_nce_nan_inf_length_mismatch_and_single_class():
         z[5] = bad
         with pytest.raises(SelectionInputError, match="source_labels: NaN/Inf"):
             nce(z, labels)
-        with pytest.raises(SelectionInputError, match="NaN/Inf labels"):
-            nce(source, np.where(np.arange(len(labels)) == 5, bad, labels.astype(float)))
-    with pytest.raises(SelectionInputError, match="89 labels for 90 samples"):
-        nce(source, labels[:-1])
-    with pytest.raises(SelectionInputError, match="90 labels for 89 samples"):
-        nce(source[:-1], labels)
-    with pytest.raises(SelectionInputError, match="at least two classes"):
-        nce(source, np.zeros(len(f), dtype=int))
-    with pytest.raises(SelectionInputError, match="at least two classes"):
-        nce(torch.from_numpy(source), torch.full((len(f),), 4))
+    _check_label_errors(nce, source, labels)
     assert nce(np.zeros(len(f), dtype=int), labels) <= 0  # one *source* class is fine: NCE = -H(Y)
 
 
