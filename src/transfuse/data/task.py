@@ -334,10 +334,7 @@ def _load_one_source(source: str) -> Task:
         if not dataset:
             raise TaskDataError(f"{source!r}: give a dataset id after {HF_PREFIX!r}, e.g. hf:ag_news")
         return load_hf_task(dataset, config=config or None)
-    path = Path(source)
-    if not path.is_file():
-        raise TaskDataError(f"{source!r}: no such task file (nor an {HF_PREFIX}DATASET id)")
-    return load_task_file(path)
+    return load_task_file(source)  # raises TaskDataError for a missing file
 
 
 def _user_suite(name: str, sources: Sequence[str]) -> TaskSuite:
