@@ -56,10 +56,16 @@ def fit_linear_head(
     features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, l2: float = 1e-3, max_iter: int = 200
 ) -> torch.nn.Linear:
     """Multinomial logistic regression ``features [N, H] -> num_classes`` by L-BFGS from zero (deterministic),
-    minimising mean cross-entropy + ``l2 / 2 * |W|^2``."""
-    if features.is_inference():
-        features = features.clone()  # an encoder's inference-mode output cannot enter autograd
-    head = torch.nn.Linear(features.shape[1], num_classes).to(features.dtype)
+    minimising mean cross-entropy + ``l2 / 2 * |W|^2``; fitted and returned in float64.
+
+    Float64 because the fit must not depend on the order of the classes (a task embedding is the same for any
+    naming of its labels).  On nearly separable features the loss is flat along the separating direction (only
+    the small ``l2`` curves it), so in float32 the loss stops resolving changes of about 1e-3 in ``W`` and where
+    L-BFGS stops depends on rounding, which differs when the classes are permuted (the rows of ``W`` swap, so
+    sums run in another order).  Float64 puts that noise near 1e-14.
+    """
+    features = features.detach().to(DTYPE, copy=True)  # a copy, so an encoder's inference-mode output can enter autograd
+    head = torch.nn.Linear(features.shape[1], num_classes, device=features.device, dtype=DTYPE)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
     optimizer = torch.optim.LBFGS(
