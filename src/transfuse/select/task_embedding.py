@@ -64,7 +64,8 @@ def fit_linear_head(
     L-BFGS stops depends on rounding, which differs when the classes are permuted (the rows of ``W`` swap, so
     sums run in another order).  Float64 puts that noise near 1e-14.
     """
-    features = features.detach().to(DTYPE, copy=True)  # a copy, so an encoder's inference-mode output can enter autograd
+    # a copy, so that an encoder's inference-mode output can enter autograd
+    features = features.detach().to(DTYPE, copy=True)
     head = torch.nn.Linear(features.shape[1], num_classes, device=features.device, dtype=DTYPE)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
