@@ -365,19 +365,20 @@ def restore_threads():
 def test_serial_parallel_and_mixed_engine_paths_are_bit_identical(
     files, tmp_path, monkeypatch, restore_threads, method
 ):
+    import transfuse.chunks as chunks
     import transfuse.engine as engine
-    import transfuse.methods._sparsify as sparsify
+    import transfuse.methods._thresholds as thresholds
 
-    monkeypatch.setattr(sparsify, "CHUNK", 8)  # several chunks per tensor, in every run
-    monkeypatch.setattr(sparsify, "_SAMPLE", 64)
+    monkeypatch.setattr(chunks, "CHUNK", 8)  # several chunks per tensor, in every run
+    monkeypatch.setattr(thresholds, "_SAMPLE", 64)
     parallel_maps = []
-    real_map_parallel = sparsify.Workspace._map_parallel
+    real_map_parallel = chunks.Workspace._map_parallel
 
     def spy(self, *args):
         parallel_maps.append(len(self.ranges))
         return real_map_parallel(self, *args)
 
-    monkeypatch.setattr(sparsify.Workspace, "_map_parallel", spy)
+    monkeypatch.setattr(chunks.Workspace, "_map_parallel", spy)
     params = {"density": 0.5} if method in ("ties", "dare_ties", "breadcrumbs") else {}
     recipe = write_recipe(tmp_path, files, method=method, parameters=params)
     outputs = {}

@@ -14,15 +14,16 @@ import keyword
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from transfuse.chunks import SERIAL, ChunkExecutor, pin_to_one_thread
 from transfuse.errors import NonFiniteTensorError
-from transfuse.methods._sparsify import parallel_chunks, pin_to_one_thread
+from transfuse.methods.context import MethodContext, MissingStatisticsError
 from transfuse.plan import MergePlan, TensorJob
 
 # Jobs whose float32 working set is below this are prefetched while the previous job computes.
@@ -206,21 +207,77 @@ def check_inputs_finite(plan: MergePlan, *, progress: bool = False) -> int:
     return read
 
 
-def compute(plan: MergePlan, inputs: _Inputs, device: torch.device) -> torch.Tensor:
-    """The merged tensor of one job, in its output dtype, on the CPU."""
+#: Per-tensor statistics for methods that need them: ``{tensor name: {statistic name: tensor}}``.  Only
+#: ``.get(name)`` is called, once per merged tensor and on the thread that merges it, so a lazy mapping that
+#: reads each tensor's statistics from disk works.
+Statistics = Mapping[str, Mapping[str, torch.Tensor]]
+
+
+def check_runnable(plan: MergePlan, statistics: Statistics | None = None) -> None:
+    """Raise before any work if the engine cannot run ``plan``'s method: extra outputs (no writer for them
+    yet) or, for a method that ``needs`` statistics, none given (each job's are checked as it runs)."""
+    spec = plan.spec
+    if spec.outputs:
+        raise NotImplementedError(
+            f"method {spec.name!r} declares extra per-tensor outputs ({', '.join(spec.outputs)}), which the "
+            "engine cannot write yet"
+        )
+    if spec.needs and statistics is None:
+        raise MissingStatisticsError(
+            f"method {spec.name!r} ({spec.family}) needs per-tensor statistics ({', '.join(spec.needs)}); "
+            "none were given"
+        )
+
+
+def method_context(
+    plan: MergePlan,
+    job: TensorJob,
+    device: torch.device,
+    chunks: ChunkExecutor = SERIAL,
+    statistics: Statistics | None = None,
+) -> MethodContext:
+    """The ``MethodContext`` of one job: its generator (random methods), its statistics (``spec.needs``, moved
+    to ``device``) and where its chunk loops run."""
+    spec = plan.spec
+    generator = None
+    if spec.random:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
+    given: Mapping[str, torch.Tensor] = {}
+    if spec.needs:
+        found = statistics.get(job.name) if statistics is not None else None
+        missing = [key for key in spec.needs if found is None or key not in found]
+        if missing:
+            raise MissingStatisticsError(
+                f"method {spec.name!r}: no {', '.join(repr(m) for m in missing)} statistics for tensor "
+                f"{job.name!r}"
+            )
+        assert found is not None
+        given = {key: found[key].to(device) for key in spec.needs}
+    return MethodContext(name=job.name, device=device, generator=generator, statistics=given, chunks=chunks)
+
+
+def compute(
+    plan: MergePlan,
+    inputs: _Inputs,
+    device: torch.device,
+    chunks: ChunkExecutor = SERIAL,
+    statistics: Statistics | None = None,
+) -> torch.Tensor:
+    """The merged tensor of one job, in its output dtype, on the CPU.  ``chunks``: where the method's chunk
+    loops run (the engine's pinned workers pass ``ChunkExecutor(pinned=True)``, a big job the idle pool)."""
     job = inputs.job
     if inputs.deltas is None:
         return inputs.base
     spec = plan.spec
-    kwargs: dict[str, object] = {_py_name(k): v for k, v in job.global_params.items()}
+    inert = {p.name for p in spec.params if p.inert}  # accepted for recipe compatibility, never passed
+    kwargs: dict[str, object] = {_py_name(k): v for k, v in job.global_params.items() if k not in inert}
     for name, values in job.model_params.items():
-        if name != "weight":
+        if name != "weight" and name not in inert:
             kwargs[_py_name(name)] = torch.tensor(values, dtype=torch.float32, device=device)
     weights = torch.tensor(job.model_params["weight"], dtype=torch.float32, device=device)
-    if spec.random:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(tensor_seed(plan.recipe.seed, job.name))
-        kwargs["generator"] = generator
+    if spec.takes_context:
+        kwargs["ctx"] = method_context(plan, job, device, chunks, statistics)
     merged = spec.fn(inputs.base, inputs.deltas, weights, **kwargs)
     result = merged.to(dtype=job.out_dtype).to("cpu").contiguous()
     storage = result.untyped_storage()
@@ -233,18 +290,24 @@ def compute(plan: MergePlan, inputs: _Inputs, device: torch.device) -> torch.Ten
 
 
 def iter_merged(
-    plan: MergePlan, *, device: str | torch.device = "cpu", check_finite: bool = True
+    plan: MergePlan,
+    *,
+    device: str | torch.device = "cpu",
+    check_finite: bool = True,
+    statistics: Statistics | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` in plan order.
 
     On a CPU with several intra-op threads, small jobs are loaded and merged whole on a pool of that many
     workers, each running torch single-threaded (see ``_iter_parallel``); otherwise jobs run one at a time,
-    the next small job's inputs being read on a reader thread meanwhile.
+    the next small job's inputs being read on a reader thread meanwhile.  ``statistics`` feeds the method's
+    ``MethodContext`` (required by a method that ``needs`` statistics, ignored by the others).
     """
     device = torch.device(device)
+    check_runnable(plan, statistics)
     workers = torch.get_num_threads() if device.type == "cpu" else 1
     if workers > 1 and len(plan.jobs) > 1:
-        yield from _iter_parallel(plan, device, check_finite, workers)
+        yield from _iter_parallel(plan, device, check_finite, workers, statistics)
         return
     jobs = plan.jobs
     # Two buffer sets by job parity: the reader fills job i+1's while job i's is merged.  Peak memory stays
@@ -260,7 +323,7 @@ def iter_merged(
             pending = None
             if i + 1 < len(jobs) and _small(plan, jobs[i + 1]):
                 pending = pool.submit(_load, plan, jobs[i + 1], device, check_finite, buffers, (i + 1) % 2)
-            merged = compute(plan, inputs, device)
+            merged = compute(plan, inputs, device, statistics=statistics)
             del inputs
             yield job.name, merged
         if pending is not None:
@@ -276,20 +339,30 @@ def _load_and_compute(
     job: TensorJob,
     device: torch.device,
     check_finite: bool,
-    buffers: WorkBuffers | None = None,
+    buffers: WorkBuffers | None,
+    chunks: ChunkExecutor,
+    statistics: Statistics | None,
 ) -> torch.Tensor:
-    return compute(plan, _load(plan, job, device, check_finite, buffers), device)
+    return compute(plan, _load(plan, job, device, check_finite, buffers), device, chunks, statistics)
+
+
+#: How a pool worker (pinned to one torch thread) runs a small job's chunk loops: in turn, count untouched.
+_ON_PINNED_WORKER = ChunkExecutor(pinned=True)
 
 
 def _iter_parallel(
-    plan: MergePlan, device: torch.device, check_finite: bool, workers: int
+    plan: MergePlan,
+    device: torch.device,
+    check_finite: bool,
+    workers: int,
+    statistics: Statistics | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Small jobs run whole (read, merge, cast) on ``workers`` single-threaded workers, results in plan order;
     a big job waits for the pool to drain and runs alone on the calling thread with all threads, its chunk loops
-    spread over the then idle workers (``parallel_chunks``).
+    spread over the then idle workers (``ChunkExecutor(pool, workers)`` in its ``MethodContext``).
 
     Why: a merge's chunk loops issue thousands of small ops that run best on one intra-op thread (see
-    ``methods/_sparsify.py``), so one merge uses one core; independent tensors on separate workers use them
+    ``transfuse/chunks.py``), so one merge uses one core; independent tensors on separate workers use them
     all.  Each op releases the GIL, so workers contend only for the few microseconds of Python between ops.
     Memory: at most ``workers + 1`` small jobs (each under ``PREFETCH_MAX_BYTES``) are in flight.  (Letting the
     workers go on with later small jobs while a big one runs measured no faster: more threads than cores.)
@@ -314,7 +387,16 @@ def _iter_parallel(
                         while len(window) > workers:
                             name, future = window.popleft()
                             yield name, future.result()
-                        future = pool.submit(_load_and_compute, plan, job, device, check_finite, buffers)
+                        future = pool.submit(
+                            _load_and_compute,
+                            plan,
+                            job,
+                            device,
+                            check_finite,
+                            buffers,
+                            _ON_PINNED_WORKER,
+                            statistics,
+                        )
                         window.append((job.name, future))
                         continue
                     while window:
@@ -324,8 +406,11 @@ def _iter_parallel(
                     after_big = True
                     torch.set_num_threads(threads)
                     try:
-                        with parallel_chunks(pool, workers):  # the idle workers take its chunk loops
-                            merged = _load_and_compute(plan, job, device, check_finite, buffers)
+                        # the idle workers take its chunk loops
+                        spread = ChunkExecutor(pool, workers)
+                        merged = _load_and_compute(
+                            plan, job, device, check_finite, buffers, spread, statistics
+                        )
                     finally:
                         torch.set_num_threads(1)
                     yield job.name, merged
@@ -347,10 +432,12 @@ def run_plan(
     threads: int | None = None,
     progress: bool = True,
     check_finite: bool = True,
+    statistics: Statistics | None = None,
 ) -> MergeStats:
     """Merge every job of ``plan`` and pass each result to ``sink(name, tensor)`` (e.g. a writer's ``add``).
 
     ``threads`` sets torch's thread count for the run; the caller's count is restored afterwards.
+    ``statistics``: per-tensor statistics for a method that needs them (see ``iter_merged``).
     """
     caller_threads = torch.get_num_threads()
     if threads is not None:
@@ -359,7 +446,7 @@ def run_plan(
     try:
         with _job_progress(plan, progress) as job_done:
             for (name, tensor), job in zip(
-                iter_merged(plan, device=device, check_finite=check_finite), plan.jobs
+                iter_merged(plan, device=device, check_finite=check_finite, statistics=statistics), plan.jobs
             ):
                 sink(name, tensor)
                 job_done(job)

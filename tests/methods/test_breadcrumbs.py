@@ -6,20 +6,25 @@ import numpy as np
 import pytest
 import torch
 
-import transfuse.methods._sparsify as sp
+import transfuse.chunks as chunks
+import transfuse.methods._thresholds as thresholds
 from transfuse.errors import ParameterError
-from transfuse.methods import get_method
+from transfuse.methods import MethodContext, get_method
 
 
 def run(name, base, deltas, weights, **overrides):
     spec = get_method(name)
     kwargs = {}
     for p in spec.params:
+        if p.inert:
+            continue
         value = overrides.pop(p.name, p.default)
         if p.per_model:
             value = torch.tensor(value if isinstance(value, list) else [value] * deltas.shape[0])
         kwargs["lambda_" if p.name == "lambda" else p.name] = value
     assert not overrides, overrides
+    if spec.takes_context:
+        kwargs["ctx"] = MethodContext()
     return spec.fn(base.clone(), deltas.clone(), torch.tensor(weights, dtype=torch.float32), **kwargs)
 
 
@@ -134,8 +139,8 @@ def test_ties_at_both_cuts_follow_index_order():
 
 @pytest.mark.parametrize("kind", ["continuous", "ties"])
 def test_multi_chunk(monkeypatch, kind):
-    monkeypatch.setattr(sp, "CHUNK", 1024)
-    monkeypatch.setattr(sp, "_SAMPLE", 256)
+    monkeypatch.setattr(chunks, "CHUNK", 1024)
+    monkeypatch.setattr(thresholds, "_SAMPLE", 256)
     g = torch.Generator().manual_seed(2)
     n = 3333
     deltas = torch.randn(2, n, generator=g)

@@ -10,15 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-import transfuse.methods._sparsify as sp
+import transfuse.chunks as chunks
 from transfuse.errors import ParameterError
-from transfuse.methods import get_method
+from transfuse.methods import MethodContext, get_method
 
 
 def run(name, base, deltas, weights, seed=0, **overrides):
     spec = get_method(name)
     kwargs = {}
     for p in spec.params:
+        if p.inert:
+            continue
         value = overrides.pop(p.name, p.default)
         if p.per_model:
             value = torch.tensor(value if isinstance(value, list) else [value] * deltas.shape[0])
@@ -29,7 +31,7 @@ def run(name, base, deltas, weights, seed=0, **overrides):
         base.clone(),
         deltas.clone(),
         torch.tensor(weights, dtype=torch.float32),
-        generator=generator,
+        ctx=MethodContext(generator=generator),
         **kwargs,
     )
 
@@ -131,7 +133,7 @@ def test_uses_only_the_given_generator():
 
 def test_chunked_draw_is_one_stream(monkeypatch):
     # chunk by chunk the method must draw exactly torch.rand(shape)'s numbers (odd chunk length on purpose)
-    monkeypatch.setattr(sp, "CHUNK", 1000)
+    monkeypatch.setattr(chunks, "CHUNK", 1000)
     base, deltas = data((37, 101), 2)
     out = run("dare_linear", base, deltas, [1.0, 1.0], seed=5, density=[0.4, 0.6], rescale=False)
     expected = ref_dare(base, deltas, [1.0, 1.0], [0.4, 0.6], 5, rescale=False)

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from transfuse.errors import ParameterError
-from transfuse.methods import get_method
+from transfuse.methods import MethodContext, get_method
 
 
 def run(name, base, deltas, weights, seed=0, **overrides):
     spec = get_method(name)
     kwargs = {}
     for p in spec.params:
+        if p.inert:
+            continue
         value = overrides.pop(p.name, p.default)
         if p.per_model:
             value = torch.tensor(value if isinstance(value, list) else [value] * deltas.shape[0])
@@ -28,7 +30,7 @@ def run(name, base, deltas, weights, seed=0, **overrides):
         base.clone(),
         deltas.clone(),
         torch.tensor(weights, dtype=torch.float32),
-        generator=generator,
+        ctx=MethodContext(generator=generator),
         **kwargs,
     )
 

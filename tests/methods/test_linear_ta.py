@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from transfuse.errors import ParameterError
-from transfuse.methods import get_method
+from transfuse.methods import MethodContext, get_method
 
 
 def run(name, base, deltas, weights, **overrides):
@@ -15,11 +15,15 @@ def run(name, base, deltas, weights, **overrides):
     spec = get_method(name)
     kwargs = {}
     for p in spec.params:
+        if p.inert:
+            continue
         value = overrides.pop(p.name, p.default)
         if p.per_model:
             value = torch.tensor(value if isinstance(value, list) else [value] * deltas.shape[0])
         kwargs["lambda_" if p.name == "lambda" else p.name] = value
     assert not overrides, overrides
+    if spec.takes_context:
+        kwargs["ctx"] = MethodContext()
     return spec.fn(base.clone(), deltas.clone(), torch.tensor(weights, dtype=torch.float32), **kwargs)
 
 
@@ -89,7 +93,7 @@ def test_task_arithmetic_all_zero_deltas_and_base_untouched():
     assert torch.equal(out, base) and torch.equal(base, keep)
     spec = get_method("task_arithmetic")
     deltas = torch.randn(2, 8, 3)
-    spec.fn(base, deltas, torch.ones(2), normalize=False, lambda_=1.0)
+    spec.fn(base, deltas, torch.ones(2), normalize=False, lambda_=1.0, ctx=MethodContext())
     assert torch.equal(base, keep)  # the contract: base is read-only
 
 
@@ -97,7 +101,7 @@ def test_task_arithmetic_non_contiguous_deltas():
     base = torch.randn(4, 6)
     deltas = torch.randn(2, 6, 4).transpose(1, 2)
     out = get_method("task_arithmetic").fn(
-        base, deltas, torch.tensor([1.0, 2.0]), normalize=False, lambda_=1.0
+        base, deltas, torch.tensor([1.0, 2.0]), normalize=False, lambda_=1.0, ctx=MethodContext()
     )
     torch.testing.assert_close(out, base + deltas[0] + 2 * deltas[1])
 

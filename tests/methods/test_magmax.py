@@ -6,13 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-import transfuse.methods._sparsify as sp
-from transfuse.methods import get_method
+import transfuse.chunks as chunks
+from transfuse.methods import MethodContext, get_method
 
 
 def run(base, deltas, weights, lam=1.0):
     fn = get_method("magmax").fn
-    return fn(base.clone(), deltas.clone(), torch.tensor(weights, dtype=torch.float32), lambda_=lam)
+    return fn(
+        base.clone(),
+        deltas.clone(),
+        torch.tensor(weights, dtype=torch.float32),
+        lambda_=lam,
+        ctx=MethodContext(),
+    )
 
 
 def ref_magmax(base, deltas, weights, lam=1.0):
@@ -50,7 +56,7 @@ def test_picks_largest_magnitude_keeping_sign():
 
 
 def test_multi_chunk_and_zero(monkeypatch):
-    monkeypatch.setattr(sp, "CHUNK", 100)
+    monkeypatch.setattr(chunks, "CHUNK", 100)
     g = torch.Generator().manual_seed(0)
     base, deltas = torch.randn(37, 11, generator=g), torch.randn(3, 37, 11, generator=g)
     np.testing.assert_allclose(

@@ -16,7 +16,7 @@ pytest.importorskip("mergekit")
 from mergekit.merge_methods import registry  # noqa: E402
 from mergekit.merge_methods.base import TensorGroup  # noqa: E402
 
-from transfuse.methods import get_method  # noqa: E402
+from transfuse.methods import MethodContext, get_method  # noqa: E402
 
 TOL = 1e-6
 SHAPES = [(48, 32), (300,), (1,), (3, 4, 5), (1, 9), (90, 70)]  # the last spans several chunks (fixture)
@@ -34,12 +34,14 @@ def _ours(name, base, fts, generator=None, **params):
     k = len(fts)
     kwargs = {}
     for p in spec.params:
+        if p.inert:
+            continue
         value = params.get(p.name, p.default)
         if p.per_model:
             value = torch.tensor(value if isinstance(value, list) else [value] * k, dtype=torch.float32)
         kwargs["lambda_" if p.name == "lambda" else p.name] = value
-    if spec.random:
-        kwargs["generator"] = generator
+    if spec.takes_context:
+        kwargs["ctx"] = MethodContext(generator=generator)
     weights = torch.tensor(params.get("weight", [1.0] * k), dtype=torch.float32)
     return spec.fn(base.clone(), torch.stack(fts) - base, weights, **kwargs)
 
@@ -75,10 +77,11 @@ DETERMINISTIC = [
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Run transfuse's sampled multi-chunk threshold path on a 6300-entry tensor."""
-    import transfuse.methods._sparsify as sp
+    import transfuse.chunks as chunks
+    import transfuse.methods._thresholds as thresholds
 
-    monkeypatch.setattr(sp, "CHUNK", 1024)
-    monkeypatch.setattr(sp, "_SAMPLE", 256)
+    monkeypatch.setattr(chunks, "CHUNK", 1024)
+    monkeypatch.setattr(thresholds, "_SAMPLE", 256)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

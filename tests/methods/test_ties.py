@@ -12,20 +12,25 @@ import numpy as np
 import pytest
 import torch
 
-import transfuse.methods._sparsify as sp
+import transfuse.chunks as chunks
+import transfuse.methods._thresholds as thresholds
 from transfuse.errors import ParameterError
-from transfuse.methods import get_method
+from transfuse.methods import MethodContext, get_method
 
 
 def run(name, base, deltas, weights, **overrides):
     spec = get_method(name)
     kwargs = {}
     for p in spec.params:
+        if p.inert:
+            continue
         value = overrides.pop(p.name, p.default)
         if p.per_model:
             value = torch.tensor(value if isinstance(value, list) else [value] * deltas.shape[0])
         kwargs["lambda_" if p.name == "lambda" else p.name] = value
     assert not overrides, overrides
+    if spec.takes_context:
+        kwargs["ctx"] = MethodContext()
     return spec.fn(base.clone(), deltas.clone(), torch.tensor(weights, dtype=torch.float32), **kwargs)
 
 
@@ -190,8 +195,8 @@ def test_magnitude_ties_keep_lowest_index():
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Make the sampled multi-chunk path run on small tensors."""
-    monkeypatch.setattr(sp, "CHUNK", 1024)
-    monkeypatch.setattr(sp, "_SAMPLE", 256)
+    monkeypatch.setattr(chunks, "CHUNK", 1024)
+    monkeypatch.setattr(thresholds, "_SAMPLE", 256)
 
 
 def _data(kind, n, seed):
@@ -211,7 +216,7 @@ def test_threshold_matches_kthvalue(small_chunks, kind, n):
     x = _data(kind, n, seed=n)
     magnitudes = x.abs()
     for k in (1, 2, n // 10, n // 2, n - 1, n):
-        (t,), _ = sp.magnitude_thresholds(x, [k])
+        (t,), _ = thresholds.magnitude_thresholds(x, [k])
         assert t.value == magnitudes.kthvalue(n - k + 1).values.item()
         assert t.ties == int((magnitudes == t.value).sum())
         assert t.ties_in_top == k - int((magnitudes > t.value).sum())
@@ -220,10 +225,10 @@ def test_threshold_matches_kthvalue(small_chunks, kind, n):
 
 @pytest.mark.parametrize("kind", ["continuous", "ties", "zeros"])
 def test_threshold_fallback_when_bracket_misses(small_chunks, monkeypatch, kind):
-    monkeypatch.setattr(sp, "_BRACKET_SIGMAS", 0.0)  # a bracket this narrow misses often
+    monkeypatch.setattr(thresholds, "_BRACKET_SIGMAS", 0.0)  # a bracket this narrow misses often
     x = _data(kind, 3000, seed=1)
     for k in (7, 1000, 2999):
-        (t,), _ = sp.magnitude_thresholds(x, [k])
+        (t,), _ = thresholds.magnitude_thresholds(x, [k])
         assert t.value == x.abs().kthvalue(3000 - k + 1).values.item()
 
 
@@ -284,7 +289,7 @@ def test_cpu_scan_matches_a_direct_count(kind):
     # as _bracket makes them: a zero lower end is no lower end, and zeros are then a heavy value
     brackets = [(lo or None, hi, heavy if lo else sorted({0.0, *heavy})) for lo, hi, heavy in brackets]
     flags = (np.empty(3000, dtype=bool), np.empty(3000, dtype=bool))
-    above, heavy_counts, parts = sp._scan_cpu(a.numpy(), brackets, flags)
+    above, heavy_counts, parts = thresholds._scan_cpu(a.numpy(), brackets, flags)
     for (lo, hi, heavy), got_above, got_counts, got_part in zip(brackets, above, heavy_counts, parts):
         assert got_above == (int((a > hi).sum()) if hi is not None else 0)
         assert got_counts == [int((a == v).sum()) for v in heavy]

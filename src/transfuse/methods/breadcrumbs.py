@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from transfuse.methods._sparsify import (
+from transfuse.methods._combine import merge_task_vectors
+from transfuse.methods._params import (
     DENSITY,
     GAMMA,
     INT8_MASK,
@@ -12,9 +13,9 @@ from transfuse.methods._sparsify import (
     NORMALIZE_FALSE,
     RESCALE_FALSE,
     SIGN_ELECTION,
-    merge_task_vectors,
-    sparsifier_for,
 )
+from transfuse.methods._sparsifiers import sparsifier_for
+from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import register
 
 _PAPER = (
@@ -39,7 +40,7 @@ def breadcrumbs(
     normalize: bool,
     rescale: bool,
     lambda_: float,
-    int8_mask: bool = False,
+    ctx: MethodContext,
 ) -> Tensor:
     """Breadcrumbs: keep the magnitude band below the top outliers, then task arithmetic.
 
@@ -58,6 +59,7 @@ def breadcrumbs(
         consensus=False,
         normalize=normalize,
         lambda_=lambda_,
+        ctx=ctx,
     )
 
 
@@ -78,7 +80,7 @@ def breadcrumbs_ties(
     rescale: bool,
     lambda_: float,
     sign_election: str = "weighted",
-    int8_mask: bool = False,
+    ctx: MethodContext,
 ) -> Tensor:
     """Breadcrumbs masks, then TIES sign election and disjoint merge.
 
@@ -96,4 +98,5 @@ def breadcrumbs_ties(
         normalize=normalize,
         lambda_=lambda_,
         sign_election=sign_election,
+        ctx=ctx,
     )

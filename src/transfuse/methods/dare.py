@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from transfuse.methods._sparsify import (
+from transfuse.methods._combine import merge_task_vectors
+from transfuse.methods._params import (
     DENSITY,
     INT8_MASK,
     LAMBDA,
@@ -13,9 +13,9 @@ from transfuse.methods._sparsify import (
     RESCALE_MODE,
     RESCALE_TRUE,
     SIGN_ELECTION,
-    merge_task_vectors,
-    sparsifier_for,
 )
+from transfuse.methods._sparsifiers import sparsifier_for
+from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import register
 
 _PAPER = (
@@ -41,8 +41,7 @@ def dare_linear(
     rescale: bool,
     rescale_mode: str,
     lambda_: float,
-    generator: torch.Generator,
-    int8_mask: bool = False,
+    ctx: MethodContext,
 ) -> Tensor:
     """DARE + task arithmetic: drop each entry with probability 1 - density, rescale, sum the weighted vectors.
 
@@ -57,11 +56,16 @@ def dare_linear(
         deltas,
         weights,
         sparsify=sparsifier_for(
-            "random", density=density, rescale=rescale, rescale_mode=rescale_mode, generator=generator
+            "random",
+            density=density,
+            rescale=rescale,
+            rescale_mode=rescale_mode,
+            generator=ctx.random_generator(),
         ),
         consensus=False,
         normalize=normalize,
         lambda_=lambda_,
+        ctx=ctx,
     )
 
 
@@ -82,9 +86,8 @@ def dare_ties(
     rescale: bool,
     rescale_mode: str,
     lambda_: float,
-    generator: torch.Generator,
     sign_election: str = "weighted",
-    int8_mask: bool = False,
+    ctx: MethodContext,
 ) -> Tensor:
     """DARE + TIES: random drop and rescale as in dare_linear, then TIES sign election and disjoint merge.
 
@@ -98,10 +101,15 @@ def dare_ties(
         deltas,
         weights,
         sparsify=sparsifier_for(
-            "random", density=density, rescale=rescale, rescale_mode=rescale_mode, generator=generator
+            "random",
+            density=density,
+            rescale=rescale,
+            rescale_mode=rescale_mode,
+            generator=ctx.random_generator(),
         ),
         consensus=True,
         normalize=normalize,
         lambda_=lambda_,
         sign_election=sign_election,
+        ctx=ctx,
     )

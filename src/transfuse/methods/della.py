@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from transfuse.methods._sparsify import (
+from transfuse.methods._combine import merge_task_vectors
+from transfuse.methods._params import (
     DENSITY,
     EPSILON,
     INT8_MASK,
@@ -15,9 +15,9 @@ from transfuse.methods._sparsify import (
     RESCALE_MODE,
     RESCALE_TRUE,
     SIGN_ELECTION,
-    merge_task_vectors,
-    sparsifier_for,
 )
+from transfuse.methods._sparsifiers import sparsifier_for
+from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import register
 
 _PAPER = (
@@ -56,9 +56,8 @@ def della(
     rescale: bool,
     rescale_mode: str,
     lambda_: float,
-    generator: torch.Generator,
     sign_election: str = "weighted",
-    int8_mask: bool = False,
+    ctx: MethodContext,
 ) -> Tensor:
     """DELLA: MagPrune each task vector, elect signs, average the agreeing entries.
 
@@ -80,12 +79,13 @@ def della(
             epsilon=epsilon,
             rescale=rescale,
             rescale_mode=rescale_mode,
-            generator=generator,
+            generator=ctx.random_generator(),
         ),
         consensus=True,
         normalize=normalize,
         lambda_=lambda_,
         sign_election=sign_election,
+        ctx=ctx,
     )
 
 
@@ -108,8 +108,7 @@ def della_linear(
     rescale: bool,
     rescale_mode: str,
     lambda_: float,
-    generator: torch.Generator,
-    int8_mask: bool = False,
+    ctx: MethodContext,
 ) -> Tensor:
     """DELLA MagPrune (as in della), then task arithmetic without sign election.
 
@@ -127,9 +126,10 @@ def della_linear(
             epsilon=epsilon,
             rescale=rescale,
             rescale_mode=rescale_mode,
-            generator=generator,
+            generator=ctx.random_generator(),
         ),
         consensus=False,
         normalize=normalize,
         lambda_=lambda_,
+        ctx=ctx,
     )

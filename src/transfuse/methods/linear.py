@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from transfuse.chunks import Scratch
 from transfuse.errors import ParameterError
-from transfuse.methods._sparsify import NORMALIZE_TRUE, Scratch, Workspace
+from transfuse.methods._params import NORMALIZE_TRUE
+from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import register
 
 
@@ -17,7 +19,7 @@ from transfuse.methods.registry import register
     needs_base=False,
     mergekit_name="linear",
 )
-def linear(base: Tensor, deltas: Tensor, weights: Tensor, *, normalize: bool) -> Tensor:
+def linear(base: Tensor, deltas: Tensor, weights: Tensor, *, normalize: bool, ctx: MethodContext) -> Tensor:
     """Weighted average of the models: sum_i w_i theta_i / sum_i w_i (no division if normalize is false).
 
     With ``theta_i = base + delta_i`` this is computed as ``base * sum(w) + sum_i w_i delta_i`` (divided by
@@ -50,5 +52,5 @@ def linear(base: Tensor, deltas: Tensor, weights: Tensor, *, normalize: bool) ->
         if normalize:
             out.div_(total)
 
-    Workspace(n, base.device).map(combine)
+    ctx.workspace(base).map(combine)
     return merged.reshape(base.shape)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from transfuse.methods._sparsify import LAMBDA, Scratch, Workspace
+from transfuse.chunks import Scratch
+from transfuse.methods._params import LAMBDA
+from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import register
 
 
@@ -15,7 +17,7 @@ from transfuse.methods.registry import register
     paper="Marczak et al., MagMax: Leveraging Model Merging for Seamless Continual Learning, ECCV 2024 "
     "(arXiv:2407.06322)",
 )
-def magmax(base: Tensor, deltas: Tensor, weights: Tensor, *, lambda_: float) -> Tensor:
+def magmax(base: Tensor, deltas: Tensor, weights: Tensor, *, lambda_: float, ctx: MethodContext) -> Tensor:
     """MagMax: merged = base + lambda * v, v[j] = w_i tau_i[j] for the i maximising |w_i tau_i[j]|.
 
     Weights scale each task vector before the selection (default 1 = the paper); weight 0 removes a model,
@@ -46,5 +48,5 @@ def magmax(base: Tensor, deltas: Tensor, weights: Tensor, *, lambda_: float) -> 
             out.mul_(lambda_)
         out.add_(base_flat[start:stop])
 
-    Workspace(n, base.device).map(select)
+    ctx.workspace(base).map(select)
     return merged.reshape(base.shape)

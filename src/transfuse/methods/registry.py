@@ -1,29 +1,42 @@
-"""The method contract and the registry of data-free merge methods.
+"""The method contract and the registry of merge methods.
 
 A method is one pure function per output tensor::
 
     @register("ties", params=(...), paper="...")
-    def ties(base: Tensor, deltas: Tensor, weights: Tensor, *, density: Tensor, ...) -> Tensor
+    def ties(base: Tensor, deltas: Tensor, weights: Tensor, *, density: Tensor, ..., ctx: MethodContext) -> Tensor
 
 - ``base``: the base model's tensor, float32 (compute dtype), read-only.
-- ``deltas``: stacked task vectors ``[K, *base.shape]`` (fine-tuned - base), float32.  The engine owns this
-  buffer and allocates it fresh for each tensor, so a method MAY overwrite it in place (saves one
-  ``[K, *shape]`` allocation) and may return a view of it (the engine copies such a result out).
+- ``deltas``: stacked task vectors ``[K, *base.shape]`` (fine-tuned - base), float32.  The buffer belongs to
+  this call: the engine's workers reuse their work buffers from job to job (``engine.WorkBuffers``), but only
+  after the previous result is out, so a method MAY overwrite ``deltas`` in place (saves one ``[K, *shape]``
+  allocation) and may return a view of it (the engine copies a result that shares a work buffer's memory).
 - ``weights``: ``[K]`` float32, the per-model ``weight`` parameter.
 - per-model parameters (``ParamSpec.per_model``) arrive as ``[K]`` float32 tensors; global ones as Python
-  scalars.  Values are already resolved for this tensor (filters, layer gradients) and validated.
-- random methods (``random=True``) also get ``generator: torch.Generator`` seeded from (seed, tensor name).
+  scalars.  Values are already resolved for this tensor (filters, layer gradients) and validated.  ``inert``
+  parameters (accepted for recipe compatibility, no effect) are never passed.
+- ``ctx``: a method that declares a keyword-only ``ctx`` parameter receives a ``MethodContext``
+  (``methods/context.py``): its random generator (``random=True`` methods must declare it), its per-tensor
+  statistics (``needs``), the tensor's name and where its chunk loops run.  Methods that need none of it do
+  not declare it and stay plain functions of their tensors.
 - The return value is the MERGED TENSOR (not a delta), any float dtype; the engine casts it to the output dtype.
-- Methods never read files, never see tensor names, and allocate at most a small constant number of
-  ``[K, *shape]`` buffers.
+- Methods never read files and allocate at most a small constant number of ``[K, *shape]`` buffers; the tensor
+  name is in ``ctx.name`` for messages, and the math never depends on it.
+
+Families (``MethodSpec.family``): ``data-free`` methods need only the weights; ``needs-statistics`` methods also
+read per-tensor statistics computed from data (``needs``: e.g. Gram matrices for RegMean, Fisher information);
+``routed`` methods keep several experts and produce routing as well as (or instead of) one merged tensor
+(``outputs``).  Every method registered today is data-free; the sweep and the benchmark run only data-free
+methods.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
 
 from transfuse.errors import ParameterError, UnknownMethodError
 
@@ -36,7 +49,9 @@ class ParamSpec:
 
     ``low``/``high`` are inclusive bounds for numbers (``None`` = unbounded); ``choices`` restricts strings.
     ``per_model`` parameters may be set per input model (MergeKit's ``models[].parameters``) and reach the
-    method as a ``[K]`` tensor.
+    method as a ``[K]`` tensor.  An ``inert`` parameter is accepted and validated (so that recipes written for
+    MergeKit run unchanged) but never passed to the method, because it cannot change the result; ``doc`` says
+    why.
     """
 
     name: str
@@ -47,6 +62,7 @@ class ParamSpec:
     low: float | None = None
     high: float | None = None
     choices: tuple[str, ...] | None = None
+    inert: bool = False
 
     def validate(self, value: Any, where: str = "") -> ParamValue:
         """Return ``value`` converted to this parameter's type, or raise ``ParameterError``."""
@@ -94,9 +110,25 @@ class ParamSpec:
 WEIGHT = ParamSpec("weight", float, 1.0, "per-model weight (negative = subtract that task)", per_model=True)
 
 
+#: What a method needs besides the weights: nothing (``data-free``), per-tensor statistics computed from data
+#: (``needs-statistics``), or several experts kept and routed between (``routed``).
+MethodFamily = Literal["data-free", "needs-statistics", "routed"]
+FAMILIES: tuple[MethodFamily, ...] = get_args(MethodFamily)
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """A registered method: its function and what it accepts."""
+    """A registered method: its function, what it accepts and what it needs.
+
+    - ``family``: see ``MethodFamily``.
+    - ``needs``: names of the per-tensor statistics the method reads from ``ctx.statistics`` (extra per-tensor
+      inputs, e.g. ``"gram"`` for RegMean's input Gram matrices, ``"fisher"`` for Fisher merging); empty for
+      data-free methods.  The engine refuses to run the method unless every job gets all of them.
+    - ``outputs``: names of extra per-tensor outputs (e.g. a router's gate); such a method returns
+      ``(merged, {name: tensor})``.  Empty: the method returns the merged tensor only.  (No writer places extra
+      outputs yet, so the engine refuses such a method with a clear error.)
+    - ``takes_context``: whether the function declares ``ctx`` (set by ``register`` from its signature).
+    """
 
     name: str
     fn: Callable[..., Any]
@@ -114,7 +146,10 @@ class MethodSpec:
     # A global parameter that only scales the merged delta: merged(p) = base + p * D, D independent of p.  A
     # parameter sweep then merges once and rescales (see transfuse.eval.sweep).
     output_scale: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    family: MethodFamily = "data-free"
+    needs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    takes_context: bool = False
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.all_params:
@@ -132,6 +167,10 @@ class MethodSpec:
     def defaults(self) -> dict[str, ParamValue | None]:
         return {p.name: p.default for p in self.all_params}
 
+    @property
+    def data_free(self) -> bool:
+        return self.family == "data-free"
+
 
 _METHODS: dict[str, MethodSpec] = {}
 
@@ -148,12 +187,38 @@ def register(
     mergekit_name: str | None = None,
     check: Callable[[dict[str, Any], dict[str, tuple[float, ...]]], str | None] | None = None,
     output_scale: str | None = None,
+    family: MethodFamily = "data-free",
+    needs: Sequence[str] = (),
+    outputs: Sequence[str] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register ``fn`` as merge method ``name``.  The summary is the docstring's first line."""
+    """Decorator: register ``fn`` as merge method ``name``.  The summary is the docstring's first line.
+
+    Registration checks the declaration against itself (programming errors, ``ValueError``): a known
+    ``family``; ``needs`` empty exactly for data-free methods; a keyword-only ``ctx`` parameter on every method
+    that is random, needs statistics or has extra outputs (its only way to get them).
+    """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _METHODS:
             raise ValueError(f"merge method {name!r} is registered twice")
+        ctx = inspect.signature(fn).parameters.get("ctx")
+        takes_context = ctx is not None
+        if ctx is not None and ctx.kind is not inspect.Parameter.KEYWORD_ONLY:
+            raise ValueError(f"merge method {name!r}: ctx must be a keyword-only parameter")
+        if family not in FAMILIES:
+            raise ValueError(
+                f"merge method {name!r}: family must be one of {', '.join(FAMILIES)}, got {family!r}"
+            )
+        if (family == "data-free") == bool(needs):
+            raise ValueError(
+                f"merge method {name!r}: a data-free method needs no statistics, any other declares them "
+                f"(family={family!r}, needs={tuple(needs)!r})"
+            )
+        if (random or needs or outputs) and not takes_context:
+            raise ValueError(
+                f"merge method {name!r} is random, needs statistics or has extra outputs: declare a "
+                "keyword-only ctx: MethodContext parameter to receive them"
+            )
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
         _METHODS[name] = MethodSpec(
             name=name,
@@ -168,6 +233,10 @@ def register(
             mergekit_name=mergekit_name,
             check=check,
             output_scale=output_scale,
+            family=family,
+            needs=tuple(needs),
+            outputs=tuple(outputs),
+            takes_context=takes_context,
         )
         return fn
 
@@ -175,21 +244,31 @@ def register(
 
 
 def get_method(name: str) -> MethodSpec:
-    """The method registered as ``name``; ``UnknownMethodError`` lists the ones there are."""
+    """The method registered as ``name``; ``UnknownMethodError`` suggests the closest name and lists the
+    ones there are."""
     _load_all()
     try:
         return _METHODS[name]
     except KeyError:
+        close = difflib.get_close_matches(str(name), list(_METHODS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise UnknownMethodError(
-            f"unknown merge method {name!r}; available: {', '.join(sorted(_METHODS))} "
+            f"unknown merge method {name!r}{hint}; available: {', '.join(sorted(_METHODS))} "
             "(run `transfuse methods` for their parameters)"
         ) from None
 
 
-def available_methods() -> list[MethodSpec]:
-    """Every registered method, sorted by name."""
+def available_methods(family: MethodFamily | None = None) -> list[MethodSpec]:
+    """Every registered method (of ``family``, if given), sorted by name."""
     _load_all()
-    return [_METHODS[n] for n in sorted(_METHODS)]
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown method family {family!r}; choose one of {', '.join(FAMILIES)}")
+    return [_METHODS[n] for n in sorted(_METHODS) if family is None or _METHODS[n].family == family]
+
+
+def unregister(name: str) -> None:
+    """Remove method ``name`` from the registry (for tests that register a method of their own)."""
+    del _METHODS[name]
 
 
 def _load_all() -> None:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from transfuse.methods._sparsify import (
+from transfuse.methods._combine import merge_task_vectors
+from transfuse.methods._params import (
     DENSITY,
     INT8_MASK,
     LAMBDA,
     NORMALIZE_TRUE,
     RESCALE_FALSE,
     SIGN_ELECTION,
-    merge_task_vectors,
-    sparsifier_for,
 )
+from transfuse.methods._sparsifiers import sparsifier_for
+from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import register
 
 
@@ -34,7 +35,7 @@ def ties(
     rescale: bool,
     lambda_: float,
     sign_election: str = "weighted",
-    int8_mask: bool = False,
+    ctx: MethodContext,
 ) -> Tensor:
     """TIES: trim each task vector to its top-k magnitudes, elect a sign per entry, average the agreeing ones.
 
@@ -57,4 +58,5 @@ def ties(
         normalize=normalize,
         lambda_=lambda_,
         sign_election=sign_election,
+        ctx=ctx,
     )
