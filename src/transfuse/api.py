@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from transfuse import __version__
+from transfuse._version import __version__
 from transfuse.engine import MergeStats, iter_merged, run_plan
 from transfuse.errors import ParameterError, RecipeError
 from transfuse.io.state_dict import StateDictCheckpoint

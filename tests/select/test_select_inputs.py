@@ -6,22 +6,18 @@ import numpy as np
 import pytest
 import torch
 
+import transfuse.select as select
 from transfuse.errors import TransfuseError
-from transfuse.select import (
-    SelectionInputError,
-    gbc,
-    h_score,
-    leep,
-    logme,
-    nce,
-    nleep,
-    sfda,
-    shrinkage_h_score,
-    tmi,
-    transrate,
-)
+from transfuse.select import SelectionInputError, leep, logme, nce, tmi
+from transfuse.select.rank import FEATURE_METRICS as FEATURE_METRIC_NAMES
+from transfuse.select.rank import METRICS
 
-FEATURE_METRICS = [logme, h_score, shrinkage_h_score, gbc, transrate, sfda, tmi, nleep]
+FEATURE_METRICS = [getattr(select, name) for name in FEATURE_METRIC_NAMES]
+
+
+def test_the_metric_names_are_the_functions_of_the_package():
+    functions = {name for name in select.__all__ if name != "SelectionInputError"}
+    assert set(METRICS) == functions and len(METRICS) == len(functions)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -9,50 +9,35 @@
 - :func:`load_task_file` -- a user's CSV / TSV / JSONL / JSON task;
 - :func:`load_hf_task` -- a Hugging Face ``datasets`` dataset (optional dependency);
 - :func:`build_text8` -- regenerate the TEXT-8 prepared copy from the Debian packages (needs ``rdata``).
+
+Each name is imported from its module on first use, so importing one module of this package loads only that one.
 """
 
 from __future__ import annotations
 
-from transfuse.data.splits import (
-    DedupReport,
-    SplitSizes,
-    dedup_examples,
-    normalize_text,
-    split_balanced,
-    split_stratified,
-)
-from transfuse.data.task import (
-    Example,
-    Task,
-    TaskDataError,
-    TaskSuite,
-    UnknownTaskError,
-    load_hf_task,
-    load_prepared_suite,
-    load_task_file,
-    load_task_suite,
-)
-from transfuse.data.text8 import PREPARED_DIR as TEXT8_PREPARED_DIR
-from transfuse.data.text8 import TEXT8_PACKAGES, TEXT8_TASKS, build_text8
+from transfuse._lazy import lazy_exports
 
-__all__ = [
-    "DedupReport",
-    "Example",
-    "SplitSizes",
-    "TEXT8_PACKAGES",
-    "TEXT8_PREPARED_DIR",
-    "TEXT8_TASKS",
-    "Task",
-    "TaskDataError",
-    "UnknownTaskError",
-    "TaskSuite",
-    "build_text8",
-    "dedup_examples",
-    "load_hf_task",
-    "load_prepared_suite",
-    "load_task_file",
-    "load_task_suite",
-    "normalize_text",
-    "split_balanced",
-    "split_stratified",
-]
+# public name -> the module of this package that defines it
+_DEFINED_IN = {
+    "DedupReport": "splits",
+    "Example": "task",
+    "SplitSizes": "splits",
+    "TEXT8_PACKAGES": "text8",
+    "TEXT8_PREPARED_DIR": "text8:PREPARED_DIR",
+    "TEXT8_TASKS": "text8",
+    "Task": "task",
+    "TaskDataError": "task",
+    "UnknownTaskError": "task",
+    "TaskSuite": "task",
+    "build_text8": "text8",
+    "dedup_examples": "splits",
+    "load_hf_task": "task",
+    "load_prepared_suite": "task",
+    "load_task_file": "task",
+    "load_task_suite": "task",
+    "normalize_text": "splits",
+    "split_balanced": "splits",
+    "split_stratified": "splits",
+}
+__all__ = sorted(_DEFINED_IN)
+__getattr__, __dir__ = lazy_exports(__name__, _DEFINED_IN)

@@ -3,35 +3,30 @@
 >>> from transfuse.eval import evaluate, normalized_accuracy, paired_bootstrap, run_method_sweep
 >>> acc, correct = evaluate(merged_state, expert_heads, suite, return_correct=True)
 >>> normalized_accuracy(acc, expert_acc), gain_retained(acc, expert_acc, pretrained_acc)
+
+Each name is imported from its module on first use, so importing one module of this package loads only that one.
 """
 
 from __future__ import annotations
 
-from transfuse.eval.harness import EvaluationError, clear_token_cache, evaluate, tokenized
-from transfuse.eval.metrics import (
-    BootstrapResult,
-    gain_retained,
-    mean_accuracy,
-    normalized_accuracy,
-    paired_bootstrap,
-    per_task_gain,
-    per_task_normalized,
-)
-from transfuse.eval.sweep import DEFAULT_GRIDS, method_grid, run_method_sweep
+from transfuse._lazy import lazy_exports
 
-__all__ = [
-    "DEFAULT_GRIDS",
-    "BootstrapResult",
-    "EvaluationError",
-    "clear_token_cache",
-    "evaluate",
-    "gain_retained",
-    "mean_accuracy",
-    "method_grid",
-    "normalized_accuracy",
-    "paired_bootstrap",
-    "per_task_gain",
-    "per_task_normalized",
-    "run_method_sweep",
-    "tokenized",
-]
+# public name -> the module of this package that defines it
+_DEFINED_IN = {
+    "DEFAULT_GRIDS": "sweep",
+    "BootstrapResult": "metrics",
+    "EvaluationError": "harness",
+    "clear_token_cache": "harness",
+    "evaluate": "harness",
+    "gain_retained": "metrics",
+    "mean_accuracy": "metrics",
+    "method_grid": "sweep",
+    "normalized_accuracy": "metrics",
+    "paired_bootstrap": "metrics",
+    "per_task_gain": "metrics",
+    "per_task_normalized": "metrics",
+    "run_method_sweep": "sweep",
+    "tokenized": "harness",
+}
+__all__ = sorted(_DEFINED_IN)
+__getattr__, __dir__ = lazy_exports(__name__, _DEFINED_IN)

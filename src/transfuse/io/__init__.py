@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from transfuse.io.checkpoint import Checkpoint, TensorInfo, is_lora_adapter, open_checkpoint
-from transfuse.io.lora import LoraCheckpoint
-from transfuse.io.safetensors_reader import SafetensorsCheckpoint
-from transfuse.io.torch_reader import TorchCheckpoint
-from transfuse.io.writer import ShardedWriter, config_files
+from transfuse._lazy import lazy_exports
 
-__all__ = [
-    "Checkpoint",
-    "LoraCheckpoint",
-    "SafetensorsCheckpoint",
-    "ShardedWriter",
-    "TensorInfo",
-    "TorchCheckpoint",
-    "config_files",
-    "is_lora_adapter",
-    "open_checkpoint",
-]
+# public name -> the module of this package that defines it
+_DEFINED_IN = {
+    "Checkpoint": "checkpoint",
+    "LoraCheckpoint": "lora",
+    "SafetensorsCheckpoint": "safetensors_reader",
+    "ShardedWriter": "writer",
+    "TensorInfo": "checkpoint",
+    "TorchCheckpoint": "torch_reader",
+    "config_files": "writer",
+    "is_lora_adapter": "checkpoint",
+    "open_checkpoint": "checkpoint",
+}
+__all__ = sorted(_DEFINED_IN)
+__getattr__, __dir__ = lazy_exports(__name__, _DEFINED_IN)

@@ -5,51 +5,36 @@
 >>> vectors = encoder.encode(["a text", "another"])          # mean-pooled, [2, 384]
 >>> heads = load_heads("cache/experts/kjv_section/<recipe>")  # {task: TaskHead}
 >>> l3 = paraphrase_minilm_l3_dir()   # paraphrase-MiniLM-L3-v2, converted once from its ONNX package
+
+Each name is imported from its module on first use, so importing one module of this package loads only that one.
 """
 
 from __future__ import annotations
 
-from transfuse.models.backbone import (
-    DEFAULT_BACKBONE_PACKAGE,
-    BackboneNotFoundError,
-    Encoder,
-    TokenizedTexts,
-    backbone_fingerprint,
-    default_backbone_dir,
-    load_backbone,
-    mean_pool,
-    read_encoder_state,
-    resolve_backbone_dir,
-)
-from transfuse.models.head import TaskHead, head_dir_name, load_heads, save_heads
-from transfuse.models.onnx_minilm import (
-    PARAPHRASE_MINILM_L3_NAME,
-    PARAPHRASE_MINILM_PACKAGE,
-    OnnxConversionError,
-    convert_paraphrase_minilm_l3,
-    paraphrase_minilm_l3_dir,
-    paraphrase_minilm_onnx_file,
-)
+from transfuse._lazy import lazy_exports
 
-__all__ = [
-    "DEFAULT_BACKBONE_PACKAGE",
-    "PARAPHRASE_MINILM_L3_NAME",
-    "PARAPHRASE_MINILM_PACKAGE",
-    "OnnxConversionError",
-    "convert_paraphrase_minilm_l3",
-    "paraphrase_minilm_l3_dir",
-    "paraphrase_minilm_onnx_file",
-    "BackboneNotFoundError",
-    "Encoder",
-    "TaskHead",
-    "TokenizedTexts",
-    "backbone_fingerprint",
-    "default_backbone_dir",
-    "head_dir_name",
-    "load_backbone",
-    "load_heads",
-    "mean_pool",
-    "read_encoder_state",
-    "resolve_backbone_dir",
-    "save_heads",
-]
+# public name -> the module of this package that defines it
+_DEFINED_IN = {
+    "DEFAULT_BACKBONE_PACKAGE": "backbone",
+    "PARAPHRASE_MINILM_L3_NAME": "onnx_minilm",
+    "PARAPHRASE_MINILM_PACKAGE": "onnx_minilm",
+    "OnnxConversionError": "onnx_minilm",
+    "convert_paraphrase_minilm_l3": "onnx_minilm",
+    "paraphrase_minilm_l3_dir": "onnx_minilm",
+    "paraphrase_minilm_onnx_file": "onnx_minilm",
+    "BackboneNotFoundError": "backbone",
+    "Encoder": "backbone",
+    "TaskHead": "head",
+    "TokenizedTexts": "backbone",
+    "backbone_fingerprint": "backbone",
+    "default_backbone_dir": "backbone",
+    "head_dir_name": "head",
+    "load_backbone": "backbone",
+    "load_heads": "head",
+    "mean_pool": "backbone",
+    "read_encoder_state": "backbone",
+    "resolve_backbone_dir": "backbone",
+    "save_heads": "head",
+}
+__all__ = sorted(_DEFINED_IN)
+__getattr__, __dir__ = lazy_exports(__name__, _DEFINED_IN)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+import transfuse.select as select  # the metric functions, looked up by name
 from transfuse.data.task import Task
 from transfuse.errors import TransfuseError
 from transfuse.models.backbone import Encoder, resolve_backbone_dir
@@ -30,6 +31,8 @@ class RankingError(TransfuseError, ValueError):
     """A ranking request cannot be served: unknown metric, no candidates, a candidate without what a metric needs."""
 
 
+# The one list of metric names (the CLI, the experiments and the tests take theirs from here); each is the name of
+# a function of transfuse.select.
 FEATURE_METRICS = ("logme", "nleep", "h_score", "shrinkage_h_score", "gbc", "transrate", "sfda", "tmi")
 HEAD_METRICS = ("leep", "nce")
 METRICS = FEATURE_METRICS + HEAD_METRICS
@@ -158,8 +161,6 @@ def _sort_key(value: float) -> float:
 
 
 def _score(metric: str, name: str, path: Path, features: torch.Tensor, labels: torch.Tensor) -> float:
-    from transfuse import select
-
     if metric in FEATURE_METRICS:
         return float(getattr(select, metric)(features, labels))
     head = _single_head(name, path)
