@@ -24,6 +24,7 @@ from pathlib import Path
 
 from transfuse.cache_dir import cache_root
 from transfuse.errors import TransfuseError
+from transfuse.io.files import publish_dir
 
 MARKER = ".transfuse-packages.json"
 
@@ -127,9 +128,7 @@ def extract_packages(packages: Sequence[DebianPackage], cache_dir: str | Path | 
         for package in packages:
             _run(["dpkg-deb", "-x", str(cache_dir / "debs" / package.file), str(tmp)])
         (tmp / MARKER).write_text(json.dumps(wanted, indent=2) + "\n")
-        if root.exists():
-            shutil.rmtree(root)
-        tmp.rename(root)
+        publish_dir(tmp, root, replace=True)  # the old tree stays until the new one is complete
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

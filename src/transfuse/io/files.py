@@ -1,13 +1,23 @@
-"""Small output files (reports, rankings, cache entries) written so that a reader never sees half a file."""
+"""Outputs written so that a reader never sees half of one: small files (reports, rankings, cache entries) by
+:func:`write_atomically`, whole directories (merged models, experts, converted models) by :func:`publish_dir`."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import secrets
+import shutil
+import socket
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from transfuse.errors import OutputExistsError, WriteError
+
+# Names this host's temporary dirs, so that a writer on another machine sharing the filesystem never judges them.
+HOST_TAG = hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
@@ -26,6 +36,61 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def publish_dir(tmp: str | Path, target: str | Path, *, replace: bool) -> Path:
+    """Move the finished directory `tmp` to `target` by renames, so `target` is never seen half-written.
+
+    `tmp` must be on the same filesystem as `target` (make it beside `target`).  A missing `target` or an empty
+    directory there is simply replaced.  A non-empty directory is an :class:`OutputExistsError` unless
+    `replace`; then it is renamed aside to a hidden ``.NAME.old-HOST-PID-RANDOM`` sibling, `tmp` is renamed into
+    place and only then is the old one deleted, so at every moment `target` holds the old or the new directory.
+    If moving `tmp` in fails, the old directory is moved back and the error raised (a :class:`WriteError`;
+    `tmp` is left for the caller to remove).  A file or symlink at `target` is an :class:`OutputExistsError`,
+    never replaced or followed.  The parent directory is fsynced, so the renames survive a crash.
+    Returns `target`.
+    """
+    tmp, target = Path(tmp), Path(target)
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise OutputExistsError(f"{target} exists and is not a directory; remove it or choose another path")
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()  # rename() onto an empty dir is not portable; the window is harmless
+    if not target.exists():
+        _rename(tmp, target, f"cannot move the finished output into place at {target}")
+    elif not replace:
+        raise OutputExistsError(f"{target} exists and is not empty; remove it or choose another path")
+    else:
+        old = target.parent / f".{target.name}.old-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
+        _rename(target, old, f"cannot move the existing {target} aside to replace it")
+        try:
+            _rename(tmp, target, f"cannot move the finished output into place at {target}")
+        except WriteError:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(target.parent)
+    return target
+
+
+def _rename(source: Path, dest: Path, failure: str) -> None:
+    try:
+        os.rename(source, dest)
+    except OSError as exc:
+        raise WriteError(f"{failure}: {exc}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in `path` durable, where the platform and filesystem allow a directory fsync."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def json_safe(value: Any) -> Any:

@@ -586,26 +586,8 @@ class ShardedWriter:
                 os.fsync(fh.fileno())
 
     def _move_into_place(self) -> None:
-        target = self.out_dir
+        from transfuse.io.files import publish_dir
+
         self._check_target()  # again: something may have appeared there while we merged
-        if target.is_dir() and not any(target.iterdir()):
-            target.rmdir()  # rename() onto an empty dir is not portable; the window is harmless
-        if not target.exists():
-            try:
-                os.rename(self.tmp_dir, target)
-            except OSError as exc:
-                raise WriteError(f"cannot move the finished output into place at {target}: {exc}") from exc
-        else:
-            # overwrite=True and a non-empty dir is there: swap, keeping the old until the new is in place.
-            old = target.parent / f".{target.name}.old-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
-            try:
-                os.rename(target, old)
-            except OSError as exc:
-                raise WriteError(f"cannot move the existing {target} aside to replace it: {exc}") from exc
-            try:
-                os.rename(self.tmp_dir, target)
-            except OSError as exc:
-                os.rename(old, target)
-                raise WriteError(f"cannot move the finished output into place at {target}: {exc}") from exc
-            _remove_tree(old)
-        _fsync_path(target.parent, directory=True)
+        # overwrite=True and a non-empty dir is there: swapped, keeping the old until the new is in place.
+        publish_dir(self.tmp_dir, self.out_dir, replace=self.overwrite)

