@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import keyword
+import math
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +15,15 @@ import torch
 
 from transfuse._version import __version__
 from transfuse.engine import MergeStats, iter_merged, run_plan
-from transfuse.errors import ParameterError, RecipeError
+from transfuse.errors import (
+    InsufficientMemoryError,
+    InvalidOptionError,
+    NonFiniteOutputError,
+    OutputExistsError,
+    OutputOverlapsInputError,
+    ParameterError,
+    RecipeError,
+)
 from transfuse.io.state_dict import StateDictCheckpoint
 from transfuse.io.writer import ShardedWriter
 from transfuse.plan import MergePlan, build_plan
@@ -24,11 +35,14 @@ class MergeResult:
     out_dir: Path
     stats: MergeStats
     plan_notes: list[str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def parse_size(text: str | int) -> int:
     """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text < 1:
+            raise InvalidOptionError(f"size {text!r} must be positive")
         return text
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
     units |= {"GIB": 2**30, "TIB": 2**40, "K": 10**3, "M": 10**6, "G": 10**9}
@@ -38,10 +52,131 @@ def parse_size(text: str | int) -> int:
     try:
         value = float(number) * units[unit]
     except (ValueError, KeyError):
-        raise RecipeError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB") from None
+        raise InvalidOptionError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB") from None
+    if not math.isfinite(value) or value > 2**62:
+        raise InvalidOptionError(f"size {text!r} is not a finite byte count; write e.g. 5GB, 500MB or 2GiB")
     if value < 1:
-        raise RecipeError(f"size {text!r} must be positive")
+        raise InvalidOptionError(f"size {text!r} must be positive")
     return int(value)
+
+
+def validate_device(device: str | torch.device) -> torch.device:
+    """The compute device, checked: ``cpu``, or a CUDA GPU that torch sees (``cuda`` / ``cuda:N``)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InvalidOptionError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        why = " (meta tensors hold no data to merge)" if parsed.type == "meta" else ""
+        raise InvalidOptionError(f"device {device!r}{why}: transfuse merges on cpu or cuda / cuda:N")
+    if not torch.cuda.is_available():
+        raise InvalidOptionError(f"device {device!r} asked for, but torch sees no CUDA GPU; use cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise InvalidOptionError(
+            f"device {device!r}: torch sees only {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 ...)"
+        )
+    return parsed
+
+
+def validate_threads(threads: int | None) -> int | None:
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise InvalidOptionError(f"threads must be a whole number >= 1, got {threads!r}")
+    return threads
+
+
+def check_output_target(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an output path that is a file, a symlink, or a non-empty dir without ``overwrite`` (before any
+    work; the writer checks again when it moves the finished output into place)."""
+    out = Path(out_dir).expanduser()
+    if out.is_symlink():
+        raise OutputExistsError(f"output path {out} is a symlink; transfuse never writes through one")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"output path {out} exists and is not a dir; choose another output path")
+    if out.is_dir() and not overwrite:
+        try:
+            busy = any(out.iterdir())
+        except OSError as exc:
+            raise OutputExistsError(f"cannot list the output dir {out}: {exc.strerror or exc}") from None
+        if busy:
+            raise OutputExistsError(
+                f"{out} exists and is not empty; choose another output dir or pass --overwrite (overwrite=True)"
+            )
+
+
+def check_output_location(out_dir: str | Path, inputs: Sequence[str | Path]) -> None:
+    """``OutputOverlapsInputError`` when the output dir is, contains or lies inside one of ``inputs`` (after
+    resolving symlinks): replacing it, with or without ``--overwrite``, would destroy an input."""
+    out = Path(os.path.realpath(Path(out_dir).expanduser()))
+    for given in inputs:
+        real = Path(os.path.realpath(Path(given).expanduser()))
+        if out == real:
+            how = "is"
+        elif real.is_relative_to(out):
+            how = "contains"
+        elif out.is_relative_to(real):
+            how = "lies inside"
+        else:
+            continue
+        raise OutputOverlapsInputError(
+            f"the output dir {out_dir} {how} the input {given}; writing there could destroy it. "
+            "Choose an output dir outside every input model, adapter and the recipe's folder contents"
+        )
+
+
+def check_memory(plan: MergePlan, threads: int | None, device: torch.device) -> None:
+    """``InsufficientMemoryError`` when the plan's estimated peak memory exceeds what is available now."""
+    import psutil
+
+    workers = (threads or torch.get_num_threads()) if device.type == "cpu" else 1
+    need = plan.peak_memory_bytes(workers)
+    available = psutil.virtual_memory().available
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        available = min(available, free)
+    if need > available:
+        job = plan.largest_tensor
+        raise InsufficientMemoryError(
+            f"this merge needs about {need / 2**30:.1f} GiB of {'GPU ' if device.type == 'cuda' else ''}"
+            f"memory at its peak ({job.name} {list(job.shape)} x {len(plan.models) + 3} float32 buffers"
+            f"{f', {workers} workers' if workers > 1 else ''}) but only {available / 2**30:.1f} GiB is "
+            "available; free memory, merge fewer models at once, use --threads 1, or pass --no-memory-check "
+            "to try anyway"
+        )
+
+
+def finite_output(plan: MergePlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """Return ``tensor`` when it is finite; else ``NonFiniteOutputError`` naming the tensor and the likely cause.
+
+    One float32-accumulated sum over the output (NaN/Inf make it non-finite); only when that sum is not
+    finite is the tensor scanned to tell an overflowing sum of finite values from real inf/NaN.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return tensor
+    acc = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    if torch.isfinite(tensor.sum(dtype=acc)):
+        return tensor
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad == 0:
+        return tensor
+    job = next(j for j in plan.jobs if j.name == name)
+    weights = job.model_params.get("weight", ())
+    scale = {k: v for k, v in job.global_params.items() if k in ("lambda", "alpha", "scale")}
+    cause = (
+        f"the merged values overflow {str(tensor.dtype).removeprefix('torch.')} (largest finite "
+        f"{torch.finfo(tensor.dtype).max:g}) when cast to the output dtype, or "
+        if tensor.dtype.itemsize < 4
+        else ""
+    )
+    raise NonFiniteOutputError(
+        f"merged tensor {name!r} holds {bad} inf/NaN value(s) of {tensor.numel()}: {cause}the method overflowed "
+        f"float32 (weights {list(weights)}{f', {scale}' if scale else ''}). Nothing was written: lower the "
+        "weights or scale, or choose a wider output dtype (--dtype float32)"
+    )
+
 
 
 def load_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
@@ -53,13 +188,17 @@ def load_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
 
 
 def plan_merge(
-    recipe: Recipe | Mapping[str, Any] | str | Path, *, dtype: str | None = None, seed: int | None = None
+    recipe: Recipe | Mapping[str, Any] | str | Path,
+    *,
+    dtype: str | None = None,
+    seed: int | None = None,
+    strict_lora_base: bool = False,
 ) -> MergePlan:
     """Read and validate a recipe and its inputs, without merging (what ``--dry-run`` shows)."""
     recipe = load_recipe(recipe)
     if seed is not None:
         recipe.seed = seed
-    return build_plan(recipe, out_dtype=dtype)
+    return build_plan(recipe, out_dtype=dtype, strict_lora_base=strict_lora_base)
 
 
 def merge(
@@ -73,15 +212,27 @@ def merge(
     seed: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    strict_lora_base: bool = False,
+    check_memory_fits: bool = True,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out_dir`` (sharded safetensors + index, config and tokenizer files).
 
-    The output is built in a temporary folder beside ``out_dir`` and moved into place only when complete.
+    Everything is checked before any tensor is merged: the options, the output location (never an input, nor
+    inside or around one), the recipe and its inputs, the config and tokenizer the output gets, and the
+    estimated peak memory (``check_memory_fits=False`` skips that).  The output is built in a temporary folder
+    beside ``out_dir`` and moved into place only when complete; a merged tensor holding inf/NaN aborts it.
     ``dtype`` overrides the recipe's output dtype; ``seed`` its seed (random methods).
     """
     max_shard = parse_size(shard_size)
-    with plan_merge(recipe, dtype=dtype, seed=seed) as plan:
-        recipe_yaml = plan.recipe.to_yaml()
+    compute_device = validate_device(device)
+    threads = validate_threads(threads)
+    recipe_file = [recipe] if isinstance(recipe, (str, Path)) else []
+    with plan_merge(recipe, dtype=dtype, seed=seed, strict_lora_base=strict_lora_base) as plan:
+        check_output_location(out_dir, [*plan.input_paths(), *recipe_file])
+        check_output_target(out_dir, overwrite)
+        if check_memory_fits:
+            check_memory(plan, threads, compute_device)
+        recipe_yaml = plan.recipe.to_yaml(absolute_paths=True)
         metadata = {
             "transfuse_version": __version__,
             "merge_method": plan.recipe.method,
@@ -91,28 +242,32 @@ def merge(
             out_dir, max_shard_bytes=max_shard, metadata=metadata, overwrite=overwrite
         ) as writer:
             writer.expect([(job.name, job.shape, job.out_dtype) for job in plan.jobs])
-            stats = run_plan(plan, writer.add, device=device, threads=threads, progress=progress)
-            if plan.config_source is not None:
-                writer.copy_config_from(plan.config_source)
-                config = _config_with_dtype(plan)
-                if config is not None:
-                    writer.add_file("config.json", config)
+
+            def add_finite(name: str, tensor: torch.Tensor) -> None:
+                writer.add(name, finite_output(plan, name, tensor))
+
+            stats = run_plan(plan, add_finite, device=compute_device, threads=threads, progress=progress)
+            if plan.tokenizer_dir is not None:
+                writer.copy_config_from(plan.tokenizer_dir, skip=("config.json",))
+            if plan.config is not None:
+                writer.add_file("config.json", _config_with_dtype(plan))
             writer.add_file("recipe.yaml", f"# written by transfuse {__version__}\n{recipe_yaml}")
             path = writer.finish()
-        return MergeResult(out_dir=Path(path), stats=stats, plan_notes=list(plan.notes))
+        return MergeResult(
+            out_dir=Path(path), stats=stats, plan_notes=list(plan.notes), warnings=list(plan.warnings)
+        )
 
 
-def _config_with_dtype(plan: MergePlan) -> str | None:
-    """The source config.json with its dtype set to the output's, so loaders pick the right default dtype."""
-    path = plan.config_source / "config.json" if plan.config_source else None
+def _config_with_dtype(plan: MergePlan) -> str:
+    """The output's config.json: the source config with its dtype set to the output's (when all merged tensors
+    share one), so loaders pick the right default dtype."""
+    config = dict(plan.config or {})
     dtypes = {j.out_dtype for j in plan.jobs if j.merge}
-    if path is None or not path.is_file() or len(dtypes) != 1:
-        return None
-    config = json.loads(path.read_text())
-    name = str(dtypes.pop()).removeprefix("torch.")
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = name
+    if len(dtypes) == 1:
+        name = str(dtypes.pop()).removeprefix("torch.")
+        for key in ("torch_dtype", "dtype"):
+            if key in config:
+                config[key] = name
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
@@ -127,7 +282,8 @@ def merge_state_dicts(
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method; returns a new state dict in the base's dtypes.
 
-    ``params`` are the method's parameters (see ``transfuse methods``).  A per-model parameter (e.g. ``weight``,
+    ``params`` are the method's parameters (see ``transfuse methods``); a Python keyword is spelled with a
+    trailing underscore (``lambda_=0.5``) or passed as ``**{"lambda": 0.5}``.  A per-model parameter (e.g. ``weight``,
     ``density``) is a scalar for all models or a sequence with one value per model; global ones are scalars.
     ``base`` may be ``None`` only for methods that need no base (``linear``).  On a CPU with several torch threads
     the tensors merge in parallel on that many single-threaded workers; meanwhile torch's process-wide thread
@@ -141,7 +297,10 @@ def merge_state_dicts(
         checkpoints["base"] = StateDictCheckpoint(base, "base")
     recipe = Recipe.from_dict(recipe_dict)
     with build_plan(recipe, checkpoints=checkpoints) as plan:
-        return dict(iter_merged(plan, device=device))
+        return {
+            name: finite_output(plan, name, t)
+            for name, t in iter_merged(plan, device=validate_device(device))
+        }
 
 
 def _recipe_for_state_dicts(
@@ -153,6 +312,7 @@ def _recipe_for_state_dicts(
     per_model: list[dict[str, Any]] = [{} for _ in range(k)]
     global_params: dict[str, Any] = {}
     for name, value in params.items():
+        name = name.removesuffix("_") if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
         param = spec.param(name)
         if param.per_model and isinstance(value, (list, tuple)):
             if len(value) != k:

@@ -13,6 +13,8 @@ from rich.table import Table
 
 from transfuse.errors import TransfuseError
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
+
 app = typer.Typer(
     help="transfuse: choose, combine and measure fine-tuned models.",
     no_args_is_help=True,
@@ -20,7 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err_console = Console(stderr=True)
+# Errors and warnings are never wrapped: one message stays one line in logs and in `grep`.
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: Exception) -> None:
@@ -60,51 +63,84 @@ def merge(
     ] = False,
     overwrite: Annotated[
         bool,
-        typer.Option("--overwrite", help="Replace OUT_DIR if it exists (only once the new one is complete)."),
+        typer.Option(
+            "--overwrite",
+            help="Replace OUT_DIR if it exists (only once the new one is complete; never an input).",
+        ),
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    strict_lora_base: Annotated[
+        bool,
+        typer.Option(
+            "--strict-lora-base",
+            help="Refuse a LoRA adapter whose base_model_name_or_path names another local model than its base.",
+        ),
+    ] = False,
+    memory_check: Annotated[
+        bool, typer.Option(help="Refuse up front when the estimated peak memory exceeds what is available.")
+    ] = True,
 ) -> None:
-    """Merge the models a recipe names into OUT_DIR, streaming one tensor at a time."""
+    """Merge the models a recipe names into OUT_DIR, streaming one tensor at a time.
+
+    Everything is validated before any work; the output is written to a temporary dir beside OUT_DIR and moved
+    into place only when complete and finite. Inputs are never modified, whatever the flags.
+    """
+    from transfuse.api import (
+        check_memory,
+        check_output_location,
+        check_output_target,
+        parse_size,
+        plan_merge,
+        validate_device,
+        validate_threads,
+    )
     from transfuse.api import merge as run_merge
-    from transfuse.api import parse_size, plan_merge
+    from transfuse.signals import Terminated, exit_on_termination_signals
 
     try:
-        if dtype is not None and dtype not in ("float32", "float16", "bfloat16", "float64"):
-            raise TransfuseError(f"--dtype must be float32, float16, bfloat16 or float64, got {dtype!r}")
-        parse_size(shard_size)
-        if device.startswith("cuda"):
-            import torch
+        with exit_on_termination_signals():
+            if dtype is not None and dtype not in DTYPE_NAMES:
+                raise TransfuseError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+            parse_size(shard_size)
+            compute_device = validate_device(device)
+            validate_threads(threads)
+            if dry_run:
+                from transfuse.engine import check_inputs_finite
 
-            if not torch.cuda.is_available():
-                raise TransfuseError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
-        if dry_run:
-            from transfuse.engine import check_inputs_finite
-
-            with plan_merge(recipe, dtype=dtype, seed=seed) as plan:
-                _print_plan(plan, out_dir)
-                scanned = check_inputs_finite(plan, progress=progress)
-                console.print(f"[bold]NaN/Inf[/] none in the {scanned} input tensors read")
-                console.print(f"[green]validation passed[/]; dry run: nothing written to {out_dir}")
-            return
-        out = Path(out_dir)
-        if out.exists() and any(out.iterdir()) and not overwrite:
-            raise TransfuseError(f"{out} exists and is not empty; choose another OUT_DIR or pass --overwrite")
-        result = run_merge(
-            recipe,
-            out_dir,
-            device=device,
-            dtype=dtype,
-            shard_size=shard_size,
-            threads=threads,
-            seed=seed,
-            overwrite=overwrite,
-            progress=progress,
-        )
+                with plan_merge(recipe, dtype=dtype, seed=seed, strict_lora_base=strict_lora_base) as plan:
+                    check_output_location(out_dir, [*plan.input_paths(), recipe])
+                    check_output_target(out_dir, overwrite=True)
+                    _print_plan(plan, out_dir)
+                    if memory_check:
+                        check_memory(plan, threads, compute_device)
+                    scanned = check_inputs_finite(plan, progress=progress)
+                    console.print(f"[bold]NaN/Inf[/] none in the {scanned} input tensors read")
+                    console.print(f"[green]validation passed[/]; dry run: nothing written to {out_dir}")
+                return
+            result = run_merge(
+                recipe,
+                out_dir,
+                device=device,
+                dtype=dtype,
+                shard_size=shard_size,
+                threads=threads,
+                seed=seed,
+                overwrite=overwrite,
+                progress=progress,
+                strict_lora_base=strict_lora_base,
+                check_memory_fits=memory_check,
+            )
     except TransfuseError as exc:
         _fail(exc)
         return
+    except (KeyboardInterrupt, Terminated) as exc:
+        name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
+        err_console.print(f"[bold red]stopped[/] by {name}: nothing was written to {out_dir}; inputs untouched")
+        raise typer.Exit(code=128 + (exc.signum if isinstance(exc, Terminated) else 2)) from None
+    for warning in result.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     for note in result.plan_notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     s = result.stats
     console.print(
         f"[green]wrote[/] {result.out_dir}: {s.tensors} tensors, {s.output_bytes / 1e9:.3f} GB in {s.seconds:.1f} s "
@@ -140,6 +176,8 @@ def _print_plan(plan, out_dir: Path) -> None:
             examples = ", ".join(names[:2]) + (", ..." if len(names) > 2 else "")
             table.add_row(str(len(names)), escape(examples), escape(params))
         console.print(table)
+    for warning in plan.warnings:
+        err_console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     for note in plan.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
 
@@ -159,18 +197,34 @@ def _parameter_groups(plan) -> list[tuple[list[str], str]]:
 
 
 @app.command()
-def methods() -> None:
-    """List the merge methods with their parameters and defaults."""
-    from transfuse.methods import available_methods
+def methods(
+    family: Annotated[
+        str | None,
+        typer.Option(help="Only methods of this family: data-free, needs-statistics or routed."),
+    ] = None,
+) -> None:
+    """List the merge methods with their family, parameters and defaults."""
+    from transfuse.methods import FAMILIES, available_methods
 
-    table = Table("method", "parameters (default) [* = per model]", "MergeKit name", "paper", show_lines=True)
-    for spec in available_methods():
+    if family is not None and family not in FAMILIES:
+        raise typer.BadParameter(f"choose one of {', '.join(FAMILIES)}", param_hint="--family")
+    table = Table(
+        "method", "family", "parameters (default) [* = per model]", "MergeKit name", "paper", show_lines=True
+    )
+    specs = available_methods(family=family)  # type: ignore[arg-type]
+    if not specs:
+        console.print(f"no {family} methods are registered yet")
+        return
+    for spec in specs:
         params = ", ".join(
             f"{p.name}{'*' if p.per_model else ''}={'required' if p.default is None else p.default}"
+            + (" (no effect)" if p.inert else "")
             for p in spec.all_params
         )
+        needs = f"\nneeds: {', '.join(spec.needs)}" if spec.needs else ""
         table.add_row(
             f"[bold]{spec.name}[/]\n{escape(spec.summary)}",
+            spec.family + escape(needs),
             escape(params),
             spec.mergekit_name or "—",
             spec.paper,

@@ -15,6 +15,10 @@ class UnknownMethodError(RecipeError):
     """The recipe names a merge method transfuse does not have."""
 
 
+class DuplicateInputError(RecipeError):
+    """The recipe lists the same model twice."""
+
+
 class ParameterError(RecipeError):
     """A method parameter is unknown, missing, of the wrong type or out of range."""
 
@@ -57,3 +61,23 @@ class OutputExistsError(TransfuseError):
 
 class WriteError(TransfuseError):
     """The output cannot be written (I/O error such as a full disk, an invalid name, or writer misuse)."""
+
+
+class OutputOverlapsInputError(TransfuseError):
+    """The output dir is, contains or lies inside one of the merge's inputs."""
+
+
+class ConfigError(CheckpointError):
+    """A model's config.json is missing, unreadable, or disagrees with the tensors or the tokenizer."""
+
+
+class NonFiniteOutputError(TransfuseError):
+    """A merged tensor holds inf/NaN (overflow in the method or in the cast to the output dtype)."""
+
+
+class InsufficientMemoryError(TransfuseError):
+    """The merge's estimated peak memory exceeds the memory available."""
+
+
+class InvalidOptionError(TransfuseError):
+    """A run option (device, threads, shard size) is invalid."""

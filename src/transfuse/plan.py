@@ -8,6 +8,7 @@ and vocabulary-size mismatches, and parameters that resolve to nothing for some 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ import torch
 
 from transfuse.errors import (
     CheckpointError,
+    ConfigError,
     DtypeMismatchError,
+    LoraAdapterError,
     MissingTensorError,
     NotSameBaseError,
     ParameterError,
@@ -25,6 +28,8 @@ from transfuse.errors import (
     VocabSizeMismatchError,
 )
 from transfuse.io import Checkpoint, open_checkpoint
+from transfuse.io.checkpoint import read_json
+from transfuse.io.writer import config_files
 from transfuse.methods.registry import MethodSpec, ParamValue
 from transfuse.recipe import ModelEntry, Recipe, evaluate_setting
 
@@ -37,6 +42,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
+# A job whose float32 working set is at most this runs on a worker, several at once (engine's threshold too).
+SMALL_JOB_BYTES = 256 * 2**20
 # Below this share of common tensor names, inputs are different architectures, not fine-tunes of one base.
 _SAME_BASE_MIN_OVERLAP = 0.5
 
@@ -71,11 +78,17 @@ class MergePlan:
     models: list[Checkpoint]
     labels: list[str]
     jobs: list[TensorJob]
-    config_source: Path | None
+    # The output's config.json (parsed, from the base or the recipe's config_source) and the dir whose
+    # tokenizer / chat-template files are copied; None when there is none (a bare weights file as base).
+    config_path: Path | None
+    tokenizer_dir: Path | None
     ignored: dict[str, list[str]] = field(default_factory=dict)  # model label -> tensor names not in the base
     notes: list[str] = field(default_factory=list)
     # Every checkpoint the plan opened (LoRA bases included).
     owned: list[Checkpoint] = field(default_factory=list)
+    config: dict | None = None
+    # Things the user should hear about before the output is trusted (printed as warnings, not notes).
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def input_bytes(self) -> int:
@@ -88,6 +101,31 @@ class MergePlan:
     @property
     def largest_tensor(self) -> TensorJob:
         return max(self.jobs, key=lambda j: j.numel)
+
+    def input_paths(self) -> list[Path]:
+        """Every local file or dir the merge reads (models, adapters, config and tokenizer sources)."""
+        r = self.recipe
+        named = [r.base_model, r.tokenizer_source, r.config_source]
+        named += [p for m in r.models for p in (m.path, m.lora)]
+        named += [getattr(c, "source", None) for c in [self.base, *self.models]]
+        named += [str(getattr(c, "adapter_dir", "")) or None for c in self.models]
+        paths = {Path(p).expanduser() for p in named if p and p != "base"}
+        return sorted(p for p in paths if p.exists())
+
+    def peak_memory_bytes(self, threads: int = 1) -> int:
+        """Estimated peak resident memory of running this plan (see docs/design.md, "Memory").
+
+        A big job holds the base, the K task vectors and about one more tensor of scratch, in float32; with
+        ``threads`` workers up to ``threads + 1`` small jobs are in flight at once.  The writer streams, so it
+        adds one output tensor.  Deliberately a slight overestimate: it is only used to refuse hopeless runs.
+        """
+        k = len(self.models)
+        per_job = [j.numel * 4 * (k + 3) for j in self.jobs if j.merge] or [0]
+        small = [b for b in per_job if b <= SMALL_JOB_BYTES]
+        big = max((b for b in per_job if b > SMALL_JOB_BYTES), default=0)
+        window = sum(sorted(small, reverse=True)[: max(threads, 1) + 1])
+        largest_out = max((j.numel * j.out_dtype.itemsize for j in self.jobs), default=0)
+        return max(big, window) + largest_out
 
     def close(self) -> None:
         # Only what the plan opened: checkpoints handed in by the caller (in-memory state dicts) stay theirs.
@@ -119,10 +157,13 @@ def build_plan(
     *,
     out_dtype: str | None = None,
     checkpoints: Mapping[str, Checkpoint] | None = None,
+    strict_lora_base: bool = False,
 ) -> MergePlan:
     """Open the recipe's inputs lazily, validate them, and plan every output tensor.
 
     ``checkpoints`` maps recipe paths to already-open checkpoints (in-memory state dicts); others are opened.
+    A LoRA adapter whose ``base_model_name_or_path`` names another existing local model than the one it is
+    applied to gives a warning, or ``LoraAdapterError`` with ``strict_lora_base``.
     """
     spec = recipe.spec
     task_entries: list[ModelEntry] = recipe.task_models
@@ -149,11 +190,34 @@ def build_plan(
         base_label = recipe.base_model or labels[0]
         plan = _plan_tensors(recipe, spec, base, base_label, models, labels, out_dtype)
         plan.owned = opened
+        plan.warnings += _adapter_base_mismatches(models, labels, strict_lora_base)
     except BaseException:
         for ckpt in opened:
             ckpt.close()
         raise
     return plan
+
+
+def _adapter_base_mismatches(models: list[Checkpoint], labels: list[str], strict: bool) -> list[str]:
+    found = []
+    for ckpt, label in zip(models, labels):
+        config = getattr(ckpt, "adapter_config", None)
+        named = (config or {}).get("base_model_name_or_path")
+        if not isinstance(named, str) or not named or not Path(named).expanduser().exists():
+            continue  # a hub id or nothing: cannot be compared with a local base
+        applied = Path(ckpt.base.source).expanduser()
+        if os.path.realpath(Path(named).expanduser()) == os.path.realpath(applied):
+            continue
+        message = (
+            f"LoRA adapter {label} was trained on {named} (its base_model_name_or_path) but is applied to "
+            f"{ckpt.base.source}"
+        )
+        if strict:
+            raise LoraAdapterError(
+                f"{message}; name that base in the recipe, or drop --strict-lora-base if the two are the same model"
+            )
+        found.append(f"{message}; if they are not the same model the result is wrong (--strict-lora-base refuses)")
+    return found
 
 
 def _plan_tensors(
@@ -233,16 +297,8 @@ def _plan_tensors(
                 input_bytes=nbytes if is_float else math.prod(info.shape) * info.dtype.itemsize,
             )
         )
-    if recipe.tokenizer_source in (None, "base"):
-        config_source = base.config_dir
-    else:
-        source = Path(recipe.tokenizer_source)
-        config_source = source if source.is_dir() else source.parent
-        if not (config_source / "config.json").exists() and not any(config_source.glob("tokenizer*")):
-            raise CheckpointError(
-                f"tokenizer_source {recipe.tokenizer_source} holds no config.json or tokenizer files; "
-                "name a model dir or `base`"
-            )
+    config_path, config = _output_config(recipe, base, base_label, jobs, notes)
+    tokenizer_dir = _tokenizer_dir(recipe, base, jobs)
     for label, extra in ignored.items():
         notes.append(f"{label}: {len(extra)} tensor(s) absent from the base are not merged, e.g. {extra[:3]}")
     return MergePlan(
@@ -252,10 +308,137 @@ def _plan_tensors(
         models=models,
         labels=labels,
         jobs=jobs,
-        config_source=config_source,
+        config_path=config_path,
+        tokenizer_dir=tokenizer_dir,
+        config=config,
         ignored=ignored,
         notes=notes,
     )
+
+
+def _vocab_rows(jobs: list[TensorJob]) -> dict[str, int]:
+    """Row counts of the output's vocabulary tensors (embeddings, LM head), by tensor name."""
+    return {
+        j.name: j.shape[0]
+        for j in jobs
+        if len(j.shape) == 2 and any(part in _VOCAB_NAMES for part in j.name.split("."))
+    }
+
+
+def _output_config(
+    recipe: Recipe, base: Checkpoint, base_label: str, jobs: list[TensorJob], notes: list[str]
+) -> tuple[Path | None, dict | None]:
+    """The config.json the output gets, read and checked against the merged tensors before any work.
+
+    From ``config_source`` when the recipe names one, else from the base.  A base *dir* without one is refused
+    (the output could not be loaded); a bare weights file as base gives an output without config.json.
+    """
+    if recipe.config_source is not None:
+        source = Path(recipe.config_source).expanduser()
+        path = source / "config.json" if source.is_dir() else source
+        if not path.is_file():
+            raise ConfigError(f"config_source {recipe.config_source} holds no config.json")
+    else:
+        base_dir = Path(base.source).expanduser()
+        if not base_dir.is_dir():
+            notes.append(
+                f"the base {base_label} is a bare weights file: the output gets no config.json (set "
+                "`config_source: <model dir>` in the recipe to add one)"
+            )
+            return None, None
+        path = base_dir / "config.json"
+        if not path.is_file():
+            raise ConfigError(
+                f"the base {base_label} has no config.json, so the merged model could not be loaded; add the "
+                "base's config.json to that dir, or set `config_source: <model dir>` in the recipe to take it "
+                "from one of the fine-tunes"
+            )
+    try:
+        config = read_json(path, "model config")
+    except CheckpointError as exc:
+        raise ConfigError(f"{exc}; the merged model would not load with it: fix or replace that file") from None
+    _check_config_loads(config, path)
+    vocab = config.get("vocab_size")
+    if vocab is not None:
+        if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
+            raise ConfigError(f"{path}: vocab_size must be a positive integer, got {vocab!r}")
+        for name, rows in _vocab_rows(jobs).items():
+            if rows != vocab:
+                raise ConfigError(
+                    f"{path} says vocab_size {vocab}, but the merged {name} has {rows} rows: the output would "
+                    "not load. Take the config from a model with that vocabulary (`config_source`), or "
+                    "choose `vocab_mismatch` so the rows match the config"
+                )
+    return path, config
+
+
+def _check_config_loads(config: dict, path: Path) -> None:
+    """Let transformers parse the config (its model_type and fields) now rather than after the merge."""
+    model_type = config.get("model_type")
+    if model_type is None or "auto_map" in config:
+        return  # nothing to check against / custom code we will not run
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        AutoConfig.for_model(str(model_type), **fields)
+    except Exception as exc:  # ValueError (unknown model_type), TypeError / KeyError (bad fields)
+        raise ConfigError(
+            f"transformers cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the "
+            "merged model would not load with it: fix or replace that file, or set `config_source`"
+        ) from None
+
+
+def _tokenizer_dir(recipe: Recipe, base: Checkpoint, jobs: list[TensorJob]) -> Path | None:
+    """The dir whose tokenizer files are copied; a tokenizer with more tokens than the merged embeddings have
+    rows is refused (token ids past the last row would crash or read garbage)."""
+    if recipe.tokenizer_source in (None, "base"):
+        return base.config_dir
+    source = Path(recipe.tokenizer_source).expanduser()
+    directory = source if source.is_dir() else source.parent
+    if not any(p.name != "config.json" for p in config_files(directory)):
+        raise ConfigError(
+            f"tokenizer_source {recipe.tokenizer_source} holds no tokenizer files; name a model dir or `base`"
+        )
+    tokens = count_tokens(directory)
+    rows = _vocab_rows(jobs)
+    if tokens is not None and rows and tokens > min(rows.values()):
+        name = min(rows, key=rows.get)
+        raise ConfigError(
+            f"tokenizer_source {recipe.tokenizer_source} has {tokens} tokens but the merged {name} has only "
+            f"{rows[name]} rows: token ids past the last row would fail. Merging tokenizers (aligning embeddings "
+            "by token) is not supported yet; use `tokenizer_source: base`"
+        )
+    return directory
+
+
+def count_tokens(directory: Path) -> int | None:
+    """Vocabulary size of the tokenizer files in ``directory`` (highest token id + 1), read from tokenizer.json
+    or vocab.txt / vocab.json (+ added_tokens.json); ``None`` when it cannot tell without loading the
+    tokenizer (e.g. sentencepiece models)."""
+    highest = -1
+    tokenizer_json = directory / "tokenizer.json"
+    if tokenizer_json.is_file():
+        data = read_json(tokenizer_json, "tokenizer")
+        vocab = (data.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            highest = max(vocab.values(), default=-1)
+        elif isinstance(vocab, list):  # unigram: a list of [piece, score]
+            highest = len(vocab) - 1
+        else:
+            return None
+        for added in data.get("added_tokens") or []:
+            highest = max(highest, int(added.get("id", -1)))
+        return highest + 1
+    if (directory / "vocab.txt").is_file():
+        highest = sum(1 for _ in open(directory / "vocab.txt", encoding="utf-8")) - 1
+    elif (directory / "vocab.json").is_file():
+        highest = max(read_json(directory / "vocab.json", "vocabulary").values(), default=-1)
+    else:
+        return None
+    if (directory / "added_tokens.json").is_file():
+        highest = max([highest, *read_json(directory / "added_tokens.json", "added tokens").values()])
+    return highest + 1
 
 
 def _reconcile_rows(name, base_shape, infos, labels, base_label, mode) -> tuple[int, ...]:

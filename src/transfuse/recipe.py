@@ -9,9 +9,11 @@ Accepted top-level keys::
         parameters: {weight: 1.0, density: 0.5}
       - model: path/to/expert_b       # "path+path/to/lora" (MergeKit syntax) applies a LoRA to a model
     parameters: {lambda: 1.0}         # global parameters; also the default of per-model ones
-    dtype: float32                    # dtype inputs are read in (transfuse always computes in float32)
+    dtype: float32                    # output dtype when out_dtype is unset (MergeKit's compute dtype; transfuse
+                                      # always reads each input in its stored dtype and computes in float32)
     out_dtype: bfloat16               # dtype of the written tensors (default: dtype, else the base's)
-    tokenizer_source: base            # copy config/tokenizer files from `base` or a model path
+    tokenizer_source: base            # copy the tokenizer files from `base` or a model path
+    config_source: path/to/expert_a   # transfuse: take config.json from this model (default: the base's)
     seed: 0                           # transfuse: seed of the random methods (DARE, DELLA)
     vocab_mismatch: error             # transfuse: error | truncate | pad (embedding / LM-head rows)
 
@@ -23,13 +25,14 @@ A parameter value is a scalar, a list of numbers interpolated across layers (a "
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from transfuse.errors import ParameterError, RecipeError
+from transfuse.errors import DuplicateInputError, ParameterError, RecipeError
 from transfuse.methods.registry import MethodSpec, ParamValue, get_method
 
 TOP_LEVEL_KEYS = {
@@ -40,6 +43,7 @@ TOP_LEVEL_KEYS = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "config_source",
     "seed",
     "vocab_mismatch",
     "name",
@@ -55,6 +59,11 @@ DTYPES = {"float32", "float16", "bfloat16", "float64"}
 VOCAB_MODES = ("error", "truncate", "pad")
 
 Setting = Any  # scalar | list of scalars | list of {filter, value}
+
+# Bounds on a recipe's YAML: a real recipe has a few hundred nodes and a depth under 10.  Aliases let a 2 KB
+# file expand to billions of nodes ("billion laughs"), and deep nesting overflows the parser's recursion.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    config_source: str | None = None
     seed: int = 0
     vocab_mismatch: str = "error"
     name: str | None = None
@@ -95,12 +105,17 @@ class Recipe:
         """Read a YAML recipe; relative model paths are taken relative to the recipe's folder."""
         path = Path(path)
         if not path.is_file():
-            raise RecipeError(f"recipe file {path} does not exist")
+            what = "is a dir, not a file" if path.is_dir() else "does not exist"
+            raise RecipeError(f"recipe file {path} {what}")
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"{path} is not valid YAML: {exc}") from None
-        return cls.from_dict(data, root=path.parent)
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(
+                f"recipe {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+            ) from None
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+        return cls.from_dict(load_yaml_bounded(text, str(path)), root=path.parent)
 
     @classmethod
     def from_dict(cls, data: Any, *, root: str | Path | None = None) -> Recipe:
@@ -160,6 +175,8 @@ class Recipe:
                 ModelEntry(path=resolve(target, f"models[{i}].model"), parameters=params, lora=lora)
             )
 
+        _refuse_duplicates(models)
+
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise RecipeError(f"`parameters` must be a mapping, got {params!r}")
@@ -185,6 +202,9 @@ class Recipe:
                     "`tokenizer_source` must be `base` or a model path (tokenizer merging is unsupported)"
                 )
             tokenizer_source = resolve(tokenizer_source, "tokenizer_source")
+        config_source = data.get("config_source")
+        if config_source is not None:
+            config_source = resolve(config_source, "config_source")
 
         recipe = cls(
             method=spec.name,
@@ -194,6 +214,7 @@ class Recipe:
             dtype=dtype_of("dtype"),
             out_dtype=dtype_of("out_dtype"),
             tokenizer_source=tokenizer_source,
+            config_source=config_source,
             seed=seed,
             vocab_mismatch=vocab,
             name=data.get("name"),
@@ -237,25 +258,119 @@ class Recipe:
             return list(self.models)
         return [m for m in self.models if not (m.path == self.base_model and m.lora is None)]
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, *, absolute_paths: bool = False) -> dict[str, Any]:
+        """The recipe as YAML-ready data.  ``absolute_paths``: local paths made absolute (symlinks kept), so a
+        copy stored elsewhere (the output's ``recipe.yaml``) replays from any folder."""
+
+        def where(p: str | None) -> str | None:
+            if p is None or not absolute_paths or not Path(p).expanduser().exists():
+                return p
+            return os.path.abspath(Path(p).expanduser())
+
         out: dict[str, Any] = {"merge_method": self.method}
         if self.base_model is not None:
-            out["base_model"] = self.base_model
-        out["models"] = [
-            {"model": m.label, **({"parameters": m.parameters} if m.parameters else {})} for m in self.models
-        ]
+            out["base_model"] = where(self.base_model)
+        out["models"] = []
+        for m in self.models:
+            label = f"{where(m.path)}+{where(m.lora)}" if m.lora else where(m.path)
+            out["models"].append({"model": label, **({"parameters": m.parameters} if m.parameters else {})})
         if self.parameters:
             out["parameters"] = self.parameters
-        for key in ("dtype", "out_dtype", "tokenizer_source", "name"):
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
+        for key in ("dtype", "out_dtype", "tokenizer_source", "config_source", "name"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = where(value) if key.endswith("_source") and value != "base" else value
         out["seed"] = self.seed
         if self.vocab_mismatch != "error":
             out["vocab_mismatch"] = self.vocab_mismatch
         return out
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+    def to_yaml(self, *, absolute_paths: bool = False) -> str:
+        return yaml.safe_dump(self.to_dict(absolute_paths=absolute_paths), sort_keys=False)
+
+
+def _input_key(path: str, lora: str | None) -> tuple[str, str | None]:
+    """What makes two inputs the same model: their resolved paths (symlinks and ``./`` do not hide a twin)."""
+
+    def real(p: str) -> str:
+        q = Path(p).expanduser()
+        return os.path.realpath(q) if q.exists() else p
+
+    return real(path), (real(lora) if lora else None)
+
+
+def _refuse_duplicates(models: list[ModelEntry]) -> None:
+    seen: dict[tuple[str, str | None], int] = {}
+    for i, entry in enumerate(models):
+        key = _input_key(entry.path, entry.lora)
+        if key in seen:
+            raise DuplicateInputError(
+                f"models[{seen[key]}] and models[{i}] are the same model ({entry.label}); listing a model twice "
+                "would count its task vector twice. List it once and raise its `weight` instead"
+            )
+        seen[key] = i
+
+
+def load_yaml_bounded(text: str, where: str = "recipe") -> Any:
+    """``yaml.safe_load`` that refuses documents expanding beyond ``MAX_YAML_NODES`` nodes through aliases,
+    nested deeper than ``MAX_YAML_DEPTH``, or holding a recursive alias, before constructing anything."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise RecipeError(
+                f"{where} is nested too deeply to parse; a recipe is at most {MAX_YAML_DEPTH} levels deep"
+            ) from None
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{where} is not valid YAML: {exc}") from None
+        if node is None:
+            return None
+        _check_yaml_size(node, where)
+        try:
+            return loader.construct_document(node)
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"{where} is not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _check_yaml_size(root: yaml.Node, where: str) -> None:
+    """Count the nodes the document would expand to (each alias counts its whole target again), iteratively and
+    memoized by node, so the count itself stays linear in the file's size."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 1, False)]
+    while stack:
+        node, depth, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            total = 1 + sum(size[id(c)] for c in _yaml_children(node))
+            if total > MAX_YAML_NODES:
+                raise RecipeError(
+                    f"{where} expands to more than {MAX_YAML_NODES:,} YAML nodes (through aliases); a recipe "
+                    "needs a few hundred: refusing it"
+                )
+            size[key] = total
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise RecipeError(f"{where} holds a recursive YAML alias; a recipe cannot refer to itself")
+        if depth > MAX_YAML_DEPTH:
+            raise RecipeError(f"{where} is nested more than {MAX_YAML_DEPTH} levels deep; a recipe needs < 10")
+        on_path.add(key)
+        stack.append((node, depth, True))
+        stack.extend((c, depth + 1, False) for c in _yaml_children(node) if id(c) not in size)
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 def _check_setting(spec: MethodSpec, name: str, setting: Setting, where: str) -> None:

@@ -118,6 +118,21 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def check_readable(file: Path, source: str) -> None:
+    """Raise ``CheckpointError`` saying "permission denied" when ``file`` cannot be opened for that reason
+    (safetensors reports an unreadable file as missing, and a corrupt-file hint would send users to re-download)."""
+    try:
+        with open(file, "rb"):
+            pass
+    except PermissionError:
+        raise CheckpointError(
+            f"cannot read {file} (from {source}): permission denied; give this user read access to it "
+            "(chmod / chown) or run as a user who can read it"
+        ) from None
+    except OSError:
+        pass  # other failures are reported by the reader, with its own context
+
+
 def lfs_pointer_hint(file: Path) -> str:
     """A hint when ``file`` is a Git LFS pointer (a repo cloned without ``git lfs``), else ``""``."""
     try:
@@ -152,6 +167,20 @@ def shard_files_from_index(index_path: Path) -> list[Path]:
             )
         paths.append(path)
     return paths
+
+
+def _check_index_is_honest(index_path: Path, ckpt: Checkpoint) -> None:
+    """Every tensor a shard index lists must be in the shard it names: otherwise the model is incomplete and a
+    merge would silently lack that tensor."""
+    weight_map = read_json(index_path, "shard index")["weight_map"]
+    held = set(ckpt.names())
+    missing = [name for name in weight_map if name not in held]
+    if missing:
+        raise CheckpointError(
+            f"{ckpt.source}: {index_path.name} lists {len(missing)} tensor(s) that no shard holds, e.g. "
+            f"{missing[0]!r} (said to be in {weight_map[missing[0]]}); the download or export is incomplete: "
+            "fetch or re-export the model"
+        )
 
 
 def _has_config_files(directory: Path) -> bool:
@@ -229,10 +258,19 @@ def open_checkpoint(path: str | Path, *, lora_base: Checkpoint | str | Path | No
         if kind == "safetensors":
             from transfuse.io.safetensors_reader import SafetensorsCheckpoint
 
-            return SafetensorsCheckpoint(files, source=source, config_dir=config_dir)
-        from transfuse.io.torch_reader import TorchCheckpoint
+            ckpt: Checkpoint = SafetensorsCheckpoint(files, source=source, config_dir=config_dir)
+        else:
+            from transfuse.io.torch_reader import TorchCheckpoint
 
-        return TorchCheckpoint(files, source=source, config_dir=config_dir)
+            ckpt = TorchCheckpoint(files, source=source, config_dir=config_dir)
+        index = p / (SAFE_INDEX if kind == "safetensors" else TORCH_INDEX)
+        if len(files) > 1 or not (p / (SAFE_WEIGHTS if kind == "safetensors" else TORCH_WEIGHTS)).is_file():
+            try:
+                _check_index_is_honest(index, ckpt)
+            except BaseException:
+                ckpt.close()
+                raise
+        return ckpt
 
     if (p / ADAPTER_CONFIG).is_file():
         from transfuse.io.lora import LoraCheckpoint

@@ -92,6 +92,13 @@ def _check_config(config: dict[str, Any], where: str) -> None:
         if config.get(option):
             raise LoraAdapterError(f"{where} uses {label}, which transfuse cannot apply - {_ADVICE}")
     init = str(config.get("init_lora_weights", "")).lower()
+    if init.startswith("loftq"):
+        raise LoraAdapterError(
+            f"{where} is a LoftQ adapter (init_lora_weights {config.get('init_lora_weights')!r}): it was trained "
+            "against a quantized copy of the base whose residual it corrects, so adding it to the original base "
+            "gives wrong weights. Merge it onto the LoftQ-quantized base it was made with (peft's "
+            f"replace_lora_weights_loftq / the saved base), or {_ADVICE}"
+        )
     if init.startswith(_BASE_MODIFYING_INITS):
         raise LoraAdapterError(
             f"{where} was initialised with {config['init_lora_weights']!r}, which changes the base weights "

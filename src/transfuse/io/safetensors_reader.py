@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from transfuse.errors import CheckpointError
-from transfuse.io.checkpoint import CheckpointBase, TensorInfo, lfs_pointer_hint
+from transfuse.io.checkpoint import CheckpointBase, TensorInfo, check_readable, lfs_pointer_hint
 
 # safetensors dtype codes -> torch dtypes (codes torch lacks are left out and reported when met).
 _DTYPES: dict[str, torch.dtype] = {
@@ -86,6 +86,7 @@ class SafetensorsCheckpoint(CheckpointBase):
             raise
 
     def _open(self, file: Path) -> Any:
+        check_readable(file, self.source)
         try:
             return safe_open(str(file), framework="pt", device="cpu")
         except Exception as exc:  # SafetensorError, OSError: corrupt header, truncated file, permissions

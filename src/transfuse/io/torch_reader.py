@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from transfuse.errors import CheckpointError
-from transfuse.io.checkpoint import CheckpointBase, TensorInfo, lfs_pointer_hint
+from transfuse.io.checkpoint import CheckpointBase, TensorInfo, check_readable, lfs_pointer_hint
 
 # Training scripts often save {"state_dict": {...}, "epoch": ...} or {"model": {...}, "optimizer": ...}.
 _WRAPPER_KEYS = ("state_dict", "model")
@@ -29,6 +29,7 @@ _WRAPPER_KEYS = ("state_dict", "model")
 def load_state_dict(file: Path, source: str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of one ``torch.save`` file, unwrapped and with non-tensor entries dropped."""
     where = f"{file}" if source is None or source == str(file) else f"{file} (from {source})"
+    check_readable(file, source or str(file))
     try:
         # The legacy (non-zip) format cannot be memory-mapped.
         mappable = zipfile.is_zipfile(file)

@@ -401,8 +401,9 @@ class ShardedWriter:
             raise WriteError(f"cannot write {name} into the output's temp dir {self.tmp_dir}: {exc}") from exc
         self._added_files.add(rel.as_posix())
 
-    def copy_config_from(self, src_dir: str | Path) -> None:
-        """Copy config, generation config, tokenizer and chat-template files (never weights) from ``src_dir``.
+    def copy_config_from(self, src_dir: str | Path, *, skip: tuple[str, ...] = ()) -> None:
+        """Copy config, generation config, tokenizer and chat-template files (never weights) from ``src_dir``,
+        except the names in ``skip``.
 
         Files already written with ``add_file`` are kept.  Copying from two dirs: the later one wins.
         """
@@ -411,7 +412,7 @@ class ShardedWriter:
         if not src.is_dir():
             raise CheckpointError(f"cannot copy config files from {src_dir}: it is not a dir")
         for path in config_files(src):
-            if path.name in self._added_files:
+            if path.name in self._added_files or path.name in skip:
                 continue
             dest = self.tmp_dir / path.name
             try:
