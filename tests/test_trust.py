@@ -32,7 +32,6 @@ from transfuse.errors import (
     InsufficientMemoryError,
     LoraAdapterError,
     NonFiniteOutputError,
-    OutputExistsError,
     OutputOverlapsInputError,
     RecipeError,
 )
@@ -228,7 +227,11 @@ def test_weights_that_overflow_float32_are_refused_naming_the_tensor(tmp_path):
 
 def test_float16_output_beyond_65504_is_refused_naming_the_cast(tmp_path):
     files = _weights_of(tmp_path, {"base": 7e4, "a": 7e4 + 1})
-    recipe = {"merge_method": "task_arithmetic", "base_model": str(files["base"]), "models": [str(files["a"])]}
+    recipe = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(files["base"]),
+        "models": [str(files["a"])],
+    }
     with pytest.raises(NonFiniteOutputError, match="overflow float16.*65504"):
         transfuse.merge(recipe, tmp_path / "out", dtype="float16", progress=False)
     assert not (tmp_path / "out").exists()
@@ -281,7 +284,10 @@ def test_a_config_whose_vocab_disagrees_with_the_merged_rows_is_refused(ex, bigg
 
 @pytest.mark.parametrize(
     "content, fragment",
-    [("{not json", "cannot read model config"), ('{"model_type": "no_such_model"}', "transformers cannot read")],
+    [
+        ("{not json", "cannot read model config"),
+        ('{"model_type": "no_such_model"}', "transformers cannot read"),
+    ],
 )
 def test_an_invalid_base_config_is_refused_before_any_work(ex, tmp_path, monkeypatch, content, fragment):
     import transfuse.api
@@ -430,7 +436,9 @@ def test_output_path_that_is_a_file_is_a_named_error(ex, tmp_path):
 )
 def test_bad_options_are_named_errors_before_any_work(ex, tmp_path, option, fragment):
     for extra in ([], ["--dry-run"]):
-        result = cli("merge", str(ex / "recipe.yaml"), str(tmp_path / "out"), "--no-progress", *option, *extra)
+        result = cli(
+            "merge", str(ex / "recipe.yaml"), str(tmp_path / "out"), "--no-progress", *option, *extra
+        )
         assert_clean_failure(result, fragment)
     assert not (tmp_path / "out").exists()
 
@@ -458,11 +466,15 @@ def test_a_merge_that_cannot_fit_in_memory_is_refused_with_the_numbers(tmp_path)
     with pytest.raises(InsufficientMemoryError, match=r"needs about \d+\.\d GiB.*only \d+\.\d GiB"):
         transfuse.merge(recipe, tmp_path / "out", progress=False)
     path = recipe_file(tmp_path, recipe)
-    assert_clean_failure(cli("merge", str(path), str(tmp_path / "out"), "--dry-run"), "InsufficientMemoryError")
+    assert_clean_failure(
+        cli("merge", str(path), str(tmp_path / "out"), "--dry-run"), "InsufficientMemoryError"
+    )
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs setpriv to drop root's file-access override")
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None, reason="needs setpriv to drop root's file-access override"
+)
 def test_an_unreadable_input_says_permission_not_redownload(tmp_path):
     folder = tmp_path / "perm"
     folder.mkdir()

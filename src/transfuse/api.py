@@ -178,7 +178,6 @@ def finite_output(plan: MergePlan, name: str, tensor: torch.Tensor) -> torch.Ten
     )
 
 
-
 def load_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe

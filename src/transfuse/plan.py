@@ -216,7 +216,9 @@ def _adapter_base_mismatches(models: list[Checkpoint], labels: list[str], strict
             raise LoraAdapterError(
                 f"{message}; name that base in the recipe, or drop --strict-lora-base if the two are the same model"
             )
-        found.append(f"{message}; if they are not the same model the result is wrong (--strict-lora-base refuses)")
+        found.append(
+            f"{message}; if they are not the same model the result is wrong (--strict-lora-base refuses)"
+        )
     return found
 
 
@@ -356,7 +358,9 @@ def _output_config(
     try:
         config = read_json(path, "model config")
     except CheckpointError as exc:
-        raise ConfigError(f"{exc}; the merged model would not load with it: fix or replace that file") from None
+        raise ConfigError(
+            f"{exc}; the merged model would not load with it: fix or replace that file"
+        ) from None
     _check_config_loads(config, path)
     vocab = config.get("vocab_size")
     if vocab is not None:

@@ -359,7 +359,9 @@ def _check_yaml_size(root: yaml.Node, where: str) -> None:
         if key in on_path:
             raise RecipeError(f"{where} holds a recursive YAML alias; a recipe cannot refer to itself")
         if depth > MAX_YAML_DEPTH:
-            raise RecipeError(f"{where} is nested more than {MAX_YAML_DEPTH} levels deep; a recipe needs < 10")
+            raise RecipeError(
+                f"{where} is nested more than {MAX_YAML_DEPTH} levels deep; a recipe needs < 10"
+            )
         on_path.add(key)
         stack.append((node, depth, True))
         stack.extend((c, depth + 1, False) for c in _yaml_children(node) if id(c) not in size)
