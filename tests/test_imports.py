@@ -22,10 +22,11 @@ PACKAGES = (
 
 
 def _loaded_after(statement: str) -> list[str]:
+    """The transfuse modules (and torch, if loaded) in a fresh interpreter after `statement`."""
     code = f"import json, sys\n{statement}\nprint(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return [m for m in json.loads(done.stdout.splitlines()[-1]) if m.startswith("transfuse")]
+    return [m for m in json.loads(done.stdout.splitlines()[-1]) if m.startswith("transfuse") or m == "torch"]
 
 
 @pytest.mark.parametrize(
@@ -48,8 +49,11 @@ def test_importing_the_package_sets_the_huge_page_default_before_torch():
 
 
 def test_one_module_of_a_package_does_not_load_its_siblings():
-    loaded = _loaded_after("import transfuse.io.files, transfuse.eval.metrics")
-    assert not [m for m in loaded if m.startswith(("transfuse.io.writer", "transfuse.eval.sweep", "torch"))]
+    loaded = _loaded_after("import transfuse.io.files, transfuse.eval.metrics, transfuse.dtypes")
+    assert not [m for m in loaded if m.startswith(("transfuse.io.writer", "transfuse.eval.sweep"))]
+    assert "torch" not in _loaded_after(
+        "import transfuse.dtypes"
+    )  # the CLI checks --dtype before loading torch
 
 
 @pytest.mark.parametrize("package", PACKAGES)
