@@ -1,24 +1,30 @@
 """Atomic, sharded safetensors output.
 
-``ShardedWriter`` buffers tensors into shards of at most ``max_shard_bytes`` and writes each full shard with
-``safetensors.torch.save_file`` (on one background thread, so writing overlaps with merging).  Everything goes
-into a hidden temp dir beside the target, ``<parent>/.<name>.tmp-<host>-<pid>-<random>``; ``finish()`` fsyncs it
-and renames it onto ``out_dir`` in one step, so a crash never leaves a half-written model at ``out_dir``, and a
-failure (or ``abort()``) removes the temp dir.  A process killed outright cannot clean up: the next writer for
-the same ``out_dir`` on the same host removes such leftovers once their process is gone.
+``ShardedWriter`` writes a model dir of safetensors shards (split at ``max_shard_bytes``, with
+``model.safetensors.index.json`` when there are several).  Everything goes into a hidden temp dir beside the
+target, ``<parent>/.<name>.tmp-<host>-<pid>-<random>``; ``finish()`` fsyncs it and moves it onto ``out_dir`` in
+one step (``io.files.publish_dir``), so a crash never leaves a half-written model at ``out_dir``, and a failure
+(or ``abort()``) removes the temp dir.  A process killed outright cannot clean up: the next writer for the same
+``out_dir`` on the same host removes such leftovers once their process is gone.
+
+Two ways to feed it:
+
+- **Streamed** (what a merge does): call ``expect([(name, shape, dtype), ...])`` with every tensor first.  The
+  shards' headers are laid out up front and each ``add`` streams its bytes straight into its shard file on one
+  background thread (one tensor in flight), so writing overlaps the next computation and no shard is ever held
+  in memory.
+- **Buffered** (no ``expect``): ``add`` collects tensors and each full shard is written with
+  ``safetensors.torch.save_file`` when the next tensor would overflow it, on the calling thread.  Both produce
+  the same layout.
 
 Use it as a context manager::
 
     with ShardedWriter(out_dir, metadata={...}) as writer:
+        writer.expect(declared)          # optional: streamed mode
         for name, tensor in merged:
             writer.add(name, tensor)
         writer.copy_config_from(base_dir)
         writer.finish()
-
-When every tensor is known in advance (a merge plan is), call ``expect([(name, shape, dtype), ...])`` first: the
-shards' headers are then laid out up front and each ``add`` streams its bytes straight into its shard file, so
-no shard is ever held in memory (the files are byte-identical to the buffered path's layout rules:
-safetensors format, shards split at ``max_shard_bytes``).
 
 Leaving the ``with`` block without calling ``finish()`` aborts (the output is discarded; a warning is issued
 when that happens without an exception).
@@ -233,9 +239,8 @@ class ShardedWriter:
     ``max_shard_bytes`` bounds each shard's tensor data (a single larger tensor gets a shard of its own);
     ``metadata`` (str -> str) goes into every shard's header, plus ``{"format": "pt"}``.  An existing
     non-empty ``out_dir`` raises ``OutputExistsError`` here, unless ``overwrite=True``: then it is replaced
-    only once the new output is complete.  With ``background=True`` full shards are written by one background
-    thread, at most one shard in flight, so memory stays about two shards.  Tensors handed to ``add`` must not
-    be modified afterwards.
+    only once the new output is complete.  Tensors handed to ``add`` must not be modified afterwards (in
+    streamed mode one of them is still being written when ``add`` returns).
     """
 
     def __init__(
@@ -245,7 +250,6 @@ class ShardedWriter:
         max_shard_bytes: int = 5 * 2**30,
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
-        background: bool = True,
     ) -> None:
         # abspath, not resolve: a symlink at out_dir is refused (_check_target), never followed and replaced.
         self.out_dir = Path(os.path.abspath(os.path.expanduser(str(out_dir))))
@@ -261,7 +265,6 @@ class ShardedWriter:
         self.max_shard_bytes = max_shard_bytes
         self.metadata = meta
         self.overwrite = overwrite
-        self.background = background
         self._check_target()
 
         parent = self.out_dir.parent
@@ -372,9 +375,6 @@ class ShardedWriter:
         self._next += 1
         self._names.add(name)
         self._total_size += nbytes
-        if not self.background:
-            self._stream_write(shard, name, t)
-            return
         self._wait()  # one tensor in flight: writing overlaps the next computation, memory stays bounded
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-write")
@@ -532,21 +532,14 @@ class ShardedWriter:
         return rel
 
     def _flush(self) -> None:
-        """Hand the buffered shard to the writer thread (or write it now) and start a new buffer."""
+        """Write the buffered shard now and start a new buffer."""
         tensors = self._buffer
         self._buffer = {}
         self._buffer_bytes = 0
         self._buffer_storages = set()
         file = f"shard-{len(self._shards):05d}.safetensors"
         self._shards.append((file, list(tensors)))
-        path = self.tmp_dir / file
-        if not self.background:
-            self._run_write(path, tensors)
-            return
-        self._wait()  # at most one shard in flight: memory stays ~2 shards
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-write")
-        self._pending = self._executor.submit(_write_shard, path, tensors, self.metadata)
+        self._run_write(self.tmp_dir / file, tensors)
 
     def _run_write(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         try:
