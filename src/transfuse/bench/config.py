@@ -72,7 +72,7 @@ class BenchConfig:
     preset: str = "default"
     pool: str = "text8"
     tasks: tuple[str, ...] | None = None
-    methods: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None  # None: every data-free method (the only family the bench runs)
     steps: int = 40
     max_train: int | None = None
     test_examples: int | None = 100
@@ -98,7 +98,9 @@ class BenchConfig:
         if self.tasks is not None and len(self.tasks) == 0:
             raise BenchConfigError("tasks is empty: name at least one task, or leave it unset for all")
         if self.methods is not None and len(self.methods) == 0:
-            raise BenchConfigError("methods is empty: name at least one method, or leave it unset for all")
+            raise BenchConfigError(
+                "methods is empty: name at least one method, or leave it unset for every data-free method"
+            )
 
     @classmethod
     def preset_config(cls, name: str, **overrides: Any) -> BenchConfig:

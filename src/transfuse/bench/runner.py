@@ -34,7 +34,12 @@ def check_config(config: BenchConfig) -> None:
     """Fail before any work on what can be checked cheaply: methods, device, backbone, tasks."""
     if config.methods is not None:
         for name in config.methods:
-            get_method(name)  # UnknownMethodError names the methods there are
+            spec = get_method(name)  # UnknownMethodError names the methods there are
+            if not spec.data_free:
+                raise BenchConfigError(
+                    f"method {name!r} is a {spec.family} method; the benchmark merges its experts with "
+                    "data-free methods only (`transfuse methods --family data-free` lists them)"
+                )
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchConfigError(f"device {config.device!r} asked for, but torch sees no CUDA GPU; use cpu")
     resolve_backbone_dir(config.backbone)  # BackboneNotFoundError says how to install the default one

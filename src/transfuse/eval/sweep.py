@@ -82,8 +82,34 @@ FALLBACK_KNOBS: dict[str, tuple[float, ...]] = {
 }
 
 
+def sweepable_methods(methods: Sequence[str] | None = None) -> list[MethodSpec]:
+    """The methods a sweep runs: `methods` by name, or every registered data-free method.
+
+    Only data-free methods can be swept here: the sweep merges from weights alone and has no per-tensor
+    statistics (Gram matrices, Fisher information) to give a method that needs them, nor a place for a routed
+    method's extra outputs.  Naming such a method raises ``EvaluationError``.
+    """
+    if methods is None:
+        return available_methods(family="data-free")
+    specs = [get_method(m) for m in methods]
+    for spec in specs:
+        _require_data_free(spec)
+    return specs
+
+
+def _require_data_free(spec: MethodSpec) -> None:
+    if not spec.data_free:
+        needs = f" (needs {', '.join(spec.needs)})" if spec.needs else ""
+        raise EvaluationError(
+            f"method {spec.name!r} is a {spec.family} method{needs}; the method sweep merges data-free methods "
+            "only, from the experts' weights alone (`transfuse methods --family data-free` lists them)"
+        )
+
+
 def method_grid(spec: MethodSpec, grids: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The grid points (parameter overrides) tried for `spec`, without the all-defaults point."""
+    """The grid points (parameter overrides) tried for `spec`, without the all-defaults point (data-free
+    methods only, see :func:`sweepable_methods`)."""
+    _require_data_free(spec)
     if grids is not None and spec.name in grids:
         table = grids[spec.name]
     elif spec.name in DEFAULT_GRIDS:
@@ -125,7 +151,8 @@ def run_method_sweep(
 
     - `experts`: ``{task: Expert | expert dir}`` or a sequence of them in suite order (one per task);
     - `pretrained_state`: the backbone's state dict (or its directory): the base of every merge;
-    - `methods`: names (default: every registered data-free method);
+    - `methods`: names (default: every registered data-free method; naming a method of another family, e.g.
+      one that needs per-tensor statistics, raises ``EvaluationError`` before any work);
     - `grids`: ``{method: {param: values}}`` (cross product) or ``{method: [overrides, ...]}`` replacing
       :data:`DEFAULT_GRIDS` for those methods; with ``grid=False`` only the defaults are merged;
     - `multitask`: a multi-task model (Expert or directory) to add as a baseline;
@@ -150,6 +177,7 @@ def run_method_sweep(
     ``normalized`` is relative to the individual experts' test accuracies, ``gain_retained`` also to the
     pretrained encoder's (see :mod:`transfuse.eval.metrics`).
     """
+    specs = sweepable_methods(methods)  # fail before any work on a method this sweep cannot run
     tasks = list(suite)
     names = [t.name for t in tasks]
     expert_dirs = _expert_dirs(experts, names)
@@ -246,7 +274,6 @@ def run_method_sweep(
     )
 
     # ---- methods --------------------------------------------------------------------------------------
-    specs = available_methods() if methods is None else [get_method(m) for m in methods]
     k = len(names)
     results: dict[str, Any] = {}
     skipped: dict[str, str] = {}
