@@ -353,8 +353,8 @@ def _slow_recipe(tmp_path: Path) -> Path:
     return recipe_file(tmp_path, data)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
-def test_sigterm_and_sighup_remove_the_temp_dir_and_say_one_line(tmp_path, sig):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_sigterm_sighup_and_sigint_remove_the_temp_dir_and_say_one_line(tmp_path, sig):
     recipe = _slow_recipe(tmp_path)
     out = tmp_path / "out"
     inputs = {p: p.read_bytes() for p in tmp_path.glob("*.safetensors")}
@@ -492,3 +492,13 @@ def test_an_unreadable_input_says_permission_not_redownload(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "permission denied" in proc.stderr and "re-download" not in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_merge_state_dicts_takes_lambda_spelled_for_python():
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(3, 3, generator=g)}
+    model = {"w": base["w"] + torch.randn(3, 3, generator=g)}
+    half = transfuse.merge_state_dicts(base, [model], "task_arithmetic", lambda_=0.5)
+    assert torch.allclose(half["w"], base["w"] + 0.5 * (model["w"] - base["w"]))
+    same = transfuse.merge_state_dicts(base, [model], "task_arithmetic", **{"lambda": 0.5})
+    assert torch.equal(same["w"], half["w"])
