@@ -11,9 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from transfuse.dtypes import DTYPE_NAMES
 from transfuse.errors import TransfuseError
-
-DTYPE_NAMES = ("float32", "float16", "bfloat16", "float64")
 
 app = typer.Typer(
     help="transfuse: choose, combine and measure fine-tuned models.",
@@ -135,7 +134,9 @@ def merge(
         return
     except (KeyboardInterrupt, Terminated) as exc:
         name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
-        err_console.print(f"[bold red]stopped[/] by {name}: nothing was written to {out_dir}; inputs untouched")
+        err_console.print(
+            f"[bold red]stopped[/] by {name}: nothing was written to {out_dir}; inputs untouched"
+        )
         raise typer.Exit(code=128 + (exc.signum if isinstance(exc, Terminated) else 2)) from None
     for warning in result.warnings:
         err_console.print(f"[bold yellow]warning:[/] {escape(warning)}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from transfuse.dtypes import DTYPE_NAMES, torch_dtype
 from transfuse.errors import (
     CheckpointError,
     ConfigError,
@@ -24,6 +25,7 @@ from transfuse.errors import (
     MissingTensorError,
     NotSameBaseError,
     ParameterError,
+    RecipeError,
     ShapeMismatchError,
     VocabSizeMismatchError,
 )
@@ -36,12 +38,6 @@ from transfuse.recipe import ModelEntry, Recipe, evaluate_setting
 _LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # Tensors whose first axis is the vocabulary: their row counts may legitimately differ between models.
 _VOCAB_NAMES = ("embed_tokens", "word_embeddings", "wte", "lm_head", "embed_out", "tok_embeddings", "shared")
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 # A job whose float32 working set is at most this runs on a worker, several at once (engine's threshold too).
 SMALL_JOB_BYTES = 256 * 2**20
 # Below this share of common tensor names, inputs are different architectures, not fine-tunes of one base.
@@ -255,8 +251,11 @@ def _plan_tensors(
             ignored[label] = extra
 
     num_layers = count_layers(base_names)
-    forced_dtype = _DTYPES[out_dtype] if out_dtype else None
-    recipe_dtype = _DTYPES.get(recipe.out_dtype or recipe.dtype or "", None)
+    if out_dtype is not None and out_dtype not in DTYPE_NAMES:
+        raise RecipeError(f"the output dtype must be one of {', '.join(DTYPE_NAMES)}, got {out_dtype!r}")
+    forced_dtype = torch_dtype(out_dtype) if out_dtype else None
+    named = recipe.out_dtype or recipe.dtype
+    recipe_dtype = torch_dtype(named) if named else None
     jobs = []
     notes = []
     for name in base_names:

@@ -32,6 +32,7 @@ from typing import Any
 
 import yaml
 
+from transfuse.dtypes import DTYPE_NAMES
 from transfuse.errors import DuplicateInputError, ParameterError, RecipeError
 from transfuse.methods.registry import MethodSpec, ParamValue, get_method
 
@@ -55,7 +56,6 @@ UNSUPPORTED_MERGEKIT_KEYS = {
     "tokenizer": "tokenizer merging",
     "chat_template": "chat template selection",
 }
-DTYPES = {"float32", "float16", "bfloat16", "float64"}
 VOCAB_MODES = ("error", "truncate", "pad")
 
 Setting = Any  # scalar | list of scalars | list of {filter, value}
@@ -185,8 +185,8 @@ class Recipe:
             value = data.get(key)
             if value is None:
                 return None
-            if value not in DTYPES:
-                raise RecipeError(f"`{key}` must be one of {', '.join(sorted(DTYPES))}, got {value!r}")
+            if value not in DTYPE_NAMES:
+                raise RecipeError(f"`{key}` must be one of {', '.join(DTYPE_NAMES)}, got {value!r}")
             return value
 
         vocab = data.get("vocab_mismatch", "error")
