@@ -15,7 +15,8 @@ from transfuse._lazy import lazy_exports
 _DEFINED_IN = {
     "PRESETS": "config",
     "REPORT_SCHEMA": "report",
-    "SMALL_GRIDS": "config",
+    "SMALL_GRID_VALUES": "config",
+    "small_grids": "config",
     "BenchConfig": "config",
     "BenchConfigError": "config",
     "build_report": "report",

@@ -1,6 +1,6 @@
 """What a `transfuse bench` run does: the task pool, the experts' budget, the evaluation sizes and the grids.
 
-Three presets (``BenchConfig.preset(name)``); any field can be overridden:
+Three presets (``BenchConfig.preset_config(name)``); any field can be overridden:
 
 =========  ======================  ======  ===========  ==================  =====  ==================================
 preset     tasks                   steps   train / task test / validation  grid   for
@@ -17,8 +17,9 @@ budget as all the experts together (``steps x tasks``).  Test and validation sub
 each split (the stored order is shuffled, class-balanced in expectation).
 
 Grids (the candidates besides each method's registry defaults, chosen on validation):
-``full`` is :data:`transfuse.eval.DEFAULT_GRIDS`; ``small`` is :data:`SMALL_GRIDS` (two points on the main knob,
-around what the full grid chose on validation for TEXT-8); ``none`` evaluates the defaults only.
+``full`` is :data:`transfuse.eval.DEFAULT_GRIDS`; ``small`` is :func:`small_grids`, derived from it (two values of
+the main knob, :data:`SMALL_GRID_VALUES`, around what the full grid chose on validation for TEXT-8); ``none``
+evaluates the defaults only.
 """
 
 from __future__ import annotations
@@ -34,30 +35,46 @@ class BenchConfigError(TransfuseError, ValueError):
     """A benchmark option is invalid."""
 
 
-_SUM_STYLE_SMALL = [{"density": 0.2, "lambda": 0.15}, {"density": 0.2, "lambda": 0.3}]
-
-#: Two candidates per method besides its registry defaults (three validation evaluations per method).  The points
-#: bracket what the ``full`` grid chose ON VALIDATION for eight TEXT-8 experts (docs/results.md); sum-style
-#: methods need a small lambda when eight task vectors are added up.
-SMALL_GRIDS: dict[str, Any] = {
-    "task_arithmetic": {"lambda": (0.15, 0.3)},
-    "magmax": {"lambda": (0.5, 0.7)},
-    "consensus": {"lambda": (0.3, 0.5)},
-    "ties": {"density": (0.1, 0.2)},
-    "della": {"density": (0.5, 0.7)},
-    "pcb": {"density": (0.05, 0.2)},
-    "dare_linear": _SUM_STYLE_SMALL,
-    "dare_ties": _SUM_STYLE_SMALL,
-    "breadcrumbs": _SUM_STYLE_SMALL,
-    "breadcrumbs_ties": _SUM_STYLE_SMALL,
-    "della_linear": _SUM_STYLE_SMALL,
-    "tsv": {"alpha": (0.5, 1.5)},
-    "iso_c": {"alpha": (1.5, 2.0)},
-    "iso_cts": {"alpha": (1.5, 2.0)},
-    "slerp": {"t": (0.25, 0.75)},
-    "linear": {},
-    "model_stock": {},
+#: The small grid's two values of each method's main knob: the last knob of its full grid
+#: (:data:`transfuse.eval.DEFAULT_GRIDS`), which says which knob that is.  The values bracket what the ``full`` grid
+#: chose ON VALIDATION for eight TEXT-8 experts (docs/results.md); the sum-style methods (DARE, breadcrumbs,
+#: della_linear) tune lambda at their first full-grid density, 0.2, and need a small lambda when eight task
+#: vectors are added up.  Two candidates per method besides its registry defaults: three validation evaluations.
+SMALL_GRID_VALUES: dict[str, tuple[float, float]] = {
+    "task_arithmetic": (0.15, 0.3),
+    "magmax": (0.5, 0.7),
+    "consensus": (0.3, 0.5),
+    "ties": (0.1, 0.2),
+    "della": (0.5, 0.7),
+    "pcb": (0.05, 0.2),
+    "dare_linear": (0.15, 0.3),
+    "dare_ties": (0.15, 0.3),
+    "breadcrumbs": (0.15, 0.3),
+    "breadcrumbs_ties": (0.15, 0.3),
+    "della_linear": (0.15, 0.3),
+    "tsv": (0.5, 1.5),
+    "iso_c": (1.5, 2.0),
+    "iso_cts": (1.5, 2.0),
+    "slerp": (0.25, 0.75),
 }
+
+
+def small_grids() -> dict[str, dict[str, tuple[Any, ...]]]:
+    """The ``small`` grid, derived from the full one (:data:`transfuse.eval.DEFAULT_GRIDS`): per method, its last
+    knob takes the two values of :data:`SMALL_GRID_VALUES` and every other knob its first full-grid value.  A
+    method with an empty full grid (linear, model_stock) has an empty one here; a method without small values
+    keeps its full grid."""
+    from transfuse.eval.sweep import DEFAULT_GRIDS  # imported here: loading the sweep loads torch and methods
+
+    grids: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for method, full in DEFAULT_GRIDS.items():
+        if not full or method not in SMALL_GRID_VALUES:
+            grids[method] = dict(full)
+            continue
+        *held, main = full
+        grids[method] = {**{knob: tuple(full[knob][:1]) for knob in held}, main: SMALL_GRID_VALUES[method]}
+    return grids
+
 
 GRID_CHOICES = ("none", "small", "full")
 
@@ -114,7 +131,7 @@ class BenchConfig:
 
     def grids(self) -> dict[str, Any] | None:
         """The `grids` argument of :func:`~transfuse.eval.run_method_sweep` (None: its default grids)."""
-        return SMALL_GRIDS if self.grid == "small" else None
+        return small_grids() if self.grid == "small" else None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
