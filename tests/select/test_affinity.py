@@ -20,6 +20,7 @@ from transfuse.select.affinity import (
     predictiveness,
     sign_conflict_matrix,
     task_vectors,
+    top_magnitude_mask,
     upper_pairs,
 )
 from transfuse.select.pool_affinity import measure_affinity, render_affinity_markdown, write_affinity
@@ -51,9 +52,8 @@ def test_sign_conflict_matches_a_loop(density):
     values = list(vectors.values())
 
     def kept(v):
-        k = math.ceil(density * len(v))
-        threshold = sorted((abs(x) for x in v.tolist()), reverse=True)[k - 1]
-        return [abs(x) >= threshold and x != 0 for x in v.tolist()]
+        top = set(_slow_top_k(v.tolist(), density))
+        return [n in top and x != 0 for n, x in enumerate(v.tolist())]
 
     for i, j in itertools.combinations(range(3), 2):
         ki, kj = kept(values[i]), kept(values[j])
@@ -62,6 +62,34 @@ def test_sign_conflict_matches_a_loop(density):
         expected = differ / len(both) if both else 0.0
         assert got[i, j] == pytest.approx(expected) and got[j, i] == got[i, j]
     assert np.all(np.diag(got) == 0)
+
+
+def _slow_top_k(values: list[float], density: float) -> list[int]:
+    """TIES' trim by a full sort: the k = max(1, int(density n)) largest |x|, equal |x| by lowest index."""
+    k = len(values) if density >= 1 else max(1, int(density * len(values)))
+    return sorted(sorted(range(len(values)), key=lambda n: (-abs(values[n]), n))[:k])
+
+
+@pytest.mark.parametrize("density", [0.001, 0.1, 0.2, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("seed", range(4))
+def test_top_magnitude_mask_matches_a_sorted_loop(density, seed):
+    g = torch.Generator().manual_seed(seed)
+    # few distinct magnitudes and both signs, so the threshold falls inside a tied group
+    v = (
+        torch.randint(0, 4, (203,), generator=g) * torch.randint(0, 2, (203,), generator=g).mul(2).sub(1)
+    ).float()
+    mask = top_magnitude_mask(v, density)
+    assert mask.dtype == torch.bool and mask.shape == v.shape
+    assert torch.nonzero(mask).reshape(-1).tolist() == _slow_top_k(v.tolist(), density)
+
+
+def test_top_magnitude_mask_keeps_what_the_ties_method_keeps():
+    # One model over a zero base: TIES' sign election and mean leave the trimmed task vector itself.
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randint(1, 5, (12, 17), generator=g).float() * torch.randn(12, 17, generator=g).sign()
+    for density in (0.05, 0.2, 0.5):
+        merged = merge_state_dicts({"w": torch.zeros(12, 17)}, [{"w": delta}], "ties", density=density)["w"]
+        assert torch.equal(merged.reshape(-1) != 0, top_magnitude_mask(delta.reshape(-1), density))
 
 
 def test_sign_conflict_extremes():

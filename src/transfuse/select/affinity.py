@@ -4,9 +4,10 @@ For a pool of experts fine-tuned from one base, three pairwise matrices:
 
 - **cosine**: cosine similarity of the task vectors ``tau_i = theta_i - theta_base`` (all tensors flattened into
   one vector).  Cheap: one pass over the weights.
-- **sign conflict**: among the entries that both task vectors keep after TIES-style trimming to their
-  top-`density` magnitudes, the fraction whose signs differ (0 = the two never disagree where both matter).  With
-  ``density=1`` every entry where both are non-zero counts.  Cheap.
+- **sign conflict**: among the entries that both task vectors keep after TIES' trim to their top-`density`
+  magnitudes (:func:`top_magnitude_mask`, the rule of ``transfuse.methods`` ``ties``), the fraction whose signs
+  differ (0 = the two never disagree where both matter).  With ``density=1`` every entry where both are non-zero
+  counts.  Cheap.
 - **interference** (measured): the mean accuracy drop, on the two tasks, of the pairwise task-arithmetic merge
   ``theta_base + lambda (tau_i + tau_j)`` relative to each task's own expert:
   ``((acc_i(expert_i) - acc_i(merge)) + (acc_j(expert_j) - acc_j(merge))) / 2``.  Costs one merge and two
@@ -64,21 +65,34 @@ def cosine_matrix(vectors: Mapping[str, torch.Tensor]) -> np.ndarray:
     return cos.numpy()
 
 
+def top_magnitude_mask(vector: torch.Tensor, density: float) -> torch.Tensor:
+    """Which entries TIES' trim keeps of a flat `vector`: exactly ``k = max(1, int(density * n))`` of them, the
+    largest magnitudes, and among equal magnitudes at the threshold the lowest indices (everything if
+    ``density >= 1``).  The same rule as the ``ties`` merge method, so a sign conflict counts what TIES would keep.
+    """
+    n = vector.numel()
+    k = n if density >= 1 else max(1, int(density * n))
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=vector.device)
+    magnitude = vector.abs().reshape(-1)
+    threshold = torch.kthvalue(magnitude, n - k + 1).values  # the k-th largest magnitude
+    keep = magnitude > threshold
+    tied = torch.nonzero(magnitude == threshold).reshape(-1)  # ascending indices
+    keep[tied[: k - int(keep.sum())]] = True
+    return keep
+
+
 def sign_conflict_matrix(vectors: Mapping[str, torch.Tensor], *, density: float = 0.2) -> np.ndarray:
     """``[K, K]`` fraction of sign disagreements among entries both task vectors keep (0 on the diagonal).
 
-    Each vector keeps its top-`density` share of entries by magnitude (ties at the threshold kept), as TIES
-    trims; entries that are zero never count.  A pair with no entry kept by both gets 0.
+    Each vector keeps what TIES' trim keeps (:func:`top_magnitude_mask`: exactly ``max(1, int(density * n))``
+    entries, ties at the threshold broken by lowest index); entries that are zero never count.  A pair with no
+    entry kept by both gets 0.
     """
     if not 0 < density <= 1:
         raise AffinityError(f"density must be in (0, 1], got {density}")
-    kept = []
-    for v in vectors.values():
-        magnitude = v.abs()
-        k = max(1, math.ceil(density * v.numel()))
-        threshold = torch.kthvalue(magnitude, v.numel() - k + 1).values if k < v.numel() else magnitude.min()
-        kept.append((magnitude >= threshold) & (v != 0))
-    signs = [torch.sign(v) for v in vectors.values()]
+    kept = [top_magnitude_mask(v, density) & (v.reshape(-1) != 0) for v in vectors.values()]
+    signs = [torch.sign(v.reshape(-1)) for v in vectors.values()]
     k_models = len(kept)
     out = np.zeros((k_models, k_models))
     for i, j in itertools.combinations(range(k_models), 2):
