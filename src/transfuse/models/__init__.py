@@ -29,7 +29,6 @@ _DEFINED_IN = {
     "backbone_fingerprint": "backbone",
     "default_backbone_dir": "backbone",
     "head_dir_name": "head",
-    "load_backbone": "backbone",
     "load_heads": "head",
     "mean_pool": "backbone",
     "read_encoder_state": "backbone",

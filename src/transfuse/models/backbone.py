@@ -245,11 +245,6 @@ class Encoder:
         return (type(tok).__name__, str(getattr(tok, "name_or_path", "")), str(len(tok)))
 
 
-def load_backbone(path: str | Path | None = None, *, device: str | torch.device = "cpu") -> Encoder:
-    """:meth:`Encoder.load`: the encoder in `path`, or the default all-MiniLM-L6-v2 backbone."""
-    return Encoder.load(path, device=device)
-
-
 def read_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The encoder state dict saved in an HF directory (an expert, or a backbone), as ``AutoModel`` names it."""
     return Encoder.load(path).state_dict()
