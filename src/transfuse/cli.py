@@ -574,5 +574,101 @@ def data_show(
     )
 
 
+# ------------------------------------------------------------------------------------------------ lora
+
+lora_app = typer.Typer(help="LoRA adapters: extract one from a fine-tune and its base.", no_args_is_help=True)
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("extract")
+def lora_extract(
+    out_dir: Annotated[
+        Path, typer.Argument(help="Output adapter dir (adapter_config.json, adapter_model.safetensors).")
+    ],
+    model: Annotated[
+        Path, typer.Option(help="The fine-tuned model (HF dir, .safetensors, or a LoRA adapter dir).")
+    ],
+    base: Annotated[Path, typer.Option(help="Its base model; written as base_model_name_or_path.")],
+    rank: Annotated[
+        int, typer.Option(help="Rank of every factored matrix; with --energy, the largest rank.")
+    ] = 32,
+    energy: Annotated[
+        float | None,
+        typer.Option(help="Per matrix, the smallest rank keeping this share of ||delta||_F^2, in (0, 1]."),
+    ] = None,
+    svd: Annotated[
+        str, typer.Option(help="randomized (default; oversampled, power iterations) or exact.")
+    ] = ("randomized"),
+    embed_lora: Annotated[
+        bool,
+        typer.Option(
+            help="Factor the input embeddings and LM head too (default: saved whole in modules_to_save)."
+        ),
+    ] = False,
+    split: Annotated[
+        str, typer.Option(help="sqrt: sqrt(S) in each factor; b: lora_B = U S, lora_A = V^T.")
+    ] = "sqrt",
+    dtype: Annotated[
+        str | None, typer.Option(help="dtype of the adapter's tensors (default: each fine-tuned tensor's).")
+    ] = None,
+    oversample: Annotated[int, typer.Option(help="Randomized SVD: extra columns of the range finder.")] = 8,
+    power_iterations: Annotated[int, typer.Option(help="Randomized SVD: power iterations.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the randomized SVD (per tensor: seed and name).")] = 0,
+    device: Annotated[str, typer.Option(help="Compute device: cpu, cuda or cuda:N.")] = "cpu",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists (once the new one is complete).")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Write a PEFT LoRA adapter for BASE approximating MODEL - BASE (truncated SVD per Linear weight) and report
+    the relative reconstruction error ||delta - B A||_F / ||delta||_F per matrix and overall (also in
+    OUT_DIR/extraction.json)."""
+    from transfuse.lora_extract import extract_lora
+    from transfuse.signals import Terminated, exit_on_termination_signals
+
+    try:
+        with exit_on_termination_signals():
+            result = extract_lora(
+                model,
+                base,
+                out_dir,
+                rank=rank,
+                energy=energy,
+                svd=svd,
+                device=device,
+                embed_lora=embed_lora,
+                split=split,
+                dtype=dtype,
+                oversample=oversample,
+                power_iterations=power_iterations,
+                seed=seed,
+                overwrite=overwrite,
+                progress=progress,
+            )
+    except TransfuseError as exc:
+        _fail(exc)
+        return
+    except (KeyboardInterrupt, Terminated) as exc:
+        name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
+        err_console.print(
+            f"[bold red]stopped[/] by {name}: nothing was written to {out_dir}; inputs untouched"
+        )
+        raise typer.Exit(code=128 + (exc.signum if isinstance(exc, Terminated) else 2)) from None
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    worst = sorted(result.matrices, key=lambda m: m.relative_error, reverse=True)[:5]
+    table = Table("matrix (largest errors)", "shape", "rank", "relative error")
+    for m in worst:
+        table.add_row(m.name, "x".join(map(str, m.shape)), str(m.rank), f"{m.relative_error:.4f}")
+    console.print(table)
+    ranks = sorted({m.rank for m in result.matrices})
+    console.print(
+        f"[green]wrote[/] {result.out_dir}: {len(result.matrices)} factored matrices (rank "
+        f"{ranks[0]}{'-' + str(ranks[-1]) if len(ranks) > 1 else ''}), {len(result.saved_full)} tensors saved whole, "
+        f"{len(result.skipped)} skipped; overall relative error {result.overall_relative_error:.4f} "
+        f"in {result.seconds:.1f} s (per matrix: extraction.json)"
+    )
+
+
 if __name__ == "__main__":
     app()
