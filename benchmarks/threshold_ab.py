@@ -1,9 +1,9 @@
 """A/B of the exact magnitude threshold (TIES/breadcrumbs top-k) between git revisions, in one process.
 
-    python benchmarks/threshold_ab.py --revs e958e88 HEAD          # e.g. before/after a change to _sparsify.py
+    python benchmarks/threshold_ab.py --revs e958e88 HEAD          # e.g. before/after a change to _thresholds.py
     python benchmarks/threshold_ab.py --revs HEAD WT               # WT = the working tree's file
 
-Each revision's ``src/transfuse/methods/_sparsify.py`` is loaded as its own module; ``magnitude_thresholds``
+Each revision's ``src/transfuse/methods/_thresholds.py`` is loaded as its own module; ``magnitude_thresholds``
 then runs on the same task vector, revisions alternating, on one torch thread, and the median time per entry is
 printed with the threshold each revision found (they must agree).  The task vector is what a bf16 fine-tune
 gives: ``ft - base`` of a bf16 base ``randn * 0.02`` and ``ft = base + 0.002 * randn``, converted to float32
@@ -23,19 +23,33 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MODULE = "src/transfuse/methods/_sparsify.py"
+# The threshold search's file: split out of methods/_sparsify.py (older revisions) in December 2026.
+MODULES = ("src/transfuse/methods/_thresholds.py", "src/transfuse/methods/_sparsify.py")
+
+
+def _source(rev: str) -> tuple[str, str]:
+    for module in MODULES:
+        if rev == "WT":
+            if (REPO / module).is_file():
+                return module, (REPO / module).read_text()
+            continue
+        shown = subprocess.run(
+            ["git", "-C", str(REPO), "show", f"{rev}:{module}"], capture_output=True, text=True
+        )
+        if shown.returncode == 0:
+            return module, shown.stdout
+    raise SystemExit(f"revision {rev} has none of {', '.join(MODULES)}")
 
 
 def load_revision(rev: str) -> types.ModuleType:
-    if rev == "WT":
-        source = (REPO / MODULE).read_text()
-    else:
-        source = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{rev}:{MODULE}"], capture_output=True, text=True, check=True
-        ).stdout
+    path, source = _source(rev)
     module = types.ModuleType(f"sparsify_{rev}")
     sys.modules[module.__name__] = module  # dataclasses and typing need the module registered
-    exec(compile(source, f"{rev}:{MODULE}", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:{path}", "exec"), module.__dict__)
+    if not hasattr(module, "Workspace"):  # since the split, the workspace lives in the chunk runtime
+        from transfuse.chunks import Workspace
+
+        module.Workspace = Workspace
     return module
 
 

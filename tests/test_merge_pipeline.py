@@ -94,12 +94,13 @@ def test_merge_state_dicts_in_memory():
 def test_every_required_method_is_registered_and_runs():
     from transfuse.methods import available_methods
 
-    names = {m.name for m in available_methods()}
-    assert REQUIRED_METHODS <= names
+    specs = {m.name: m for m in available_methods()}
+    assert REQUIRED_METHODS <= set(specs)
     base, a, b = state(0), state(1), state(2)
-    for method in sorted(names):
-        models = [a] if method == "slerp" else [a, b]
-        params = {"t": 0.5} if method == "slerp" else {}  # slerp's t has no default (as in MergeKit)
+    for method, spec in sorted(specs.items()):
+        models = [a] if spec.max_models == 1 else [a, b]
+        # Required parameters (slerp's t has no default, as in MergeKit) get a mid-range value.
+        params = {p.name: 0.5 for p in spec.params if p.default is None}
         got = transfuse.merge_state_dicts(base, models, method, **params)
         assert all(torch.isfinite(v.float()).all() for v in got.values()), method
         assert got["layers.0.w"].shape == (4, 4)

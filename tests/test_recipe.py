@@ -37,7 +37,8 @@ def test_round_trip_and_base_listed_among_models_is_not_a_task():
     [
         ({"merge_method": "nope"}, UnknownMethodError, "available"),
         ({"bogus_key": 1}, RecipeError, "unknown recipe key 'bogus_key'"),
-        ({"slices": []}, RecipeError, "does not support"),
+        ({"modules": {}}, RecipeError, "does not support"),
+        ({"slices": []}, RecipeError, "exactly one of"),
         ({"models": []}, RecipeError, "non-empty list"),
         ({"dtype": "int8"}, RecipeError, "`dtype` must be one of"),
         ({"vocab_mismatch": "grow"}, RecipeError, "vocab_mismatch"),

@@ -153,11 +153,19 @@ def _print_plan(plan, out_dir: Path) -> None:
     spec = plan.spec
     console.print(f"[bold]method[/] {spec.name} — {escape(spec.summary)}")
     console.print(f"[bold]base[/] {plan.base.source}")
-    table = Table("model", "per-model parameters (first tensor)", title="inputs")
     first = next((j for j in plan.jobs if j.merge), None)
-    for i, label in enumerate(plan.labels):
-        params = {k: v[i] for k, v in first.model_params.items()} if first else {}
-        table.add_row(label, ", ".join(f"{k}={v:g}" for k, v in params.items()))
+    if plan.recipe.slices is not None:
+        table = Table("slice", "sources [layers]", "output layers", title="slices")
+        start = 0
+        for i, output in enumerate(plan.recipe.slices):
+            sources = ", ".join(escape(s.label) for s in output.sources)
+            table.add_row(str(i), sources, f"{start}-{start + output.layers - 1}")
+            start += output.layers
+    else:
+        table = Table("model", "per-model parameters (first tensor)", title="inputs")
+        for i, label in enumerate(plan.labels):
+            params = {k: v[i] for k, v in first.model_params.items()} if first else {}
+            table.add_row(escape(label), ", ".join(f"{k}={v:g}" for k, v in params.items()))
     console.print(table)
     if first is not None:
         console.print(
@@ -168,7 +176,7 @@ def _print_plan(plan, out_dir: Path) -> None:
     console.print(
         f"[bold]plan[/] {len(plan.jobs)} tensors ({merged} merged, {len(plan.jobs) - merged} copied from the base), "
         f"{plan.input_bytes / 1e9:.3f} GB in, {plan.output_bytes / 1e9:.3f} GB out; largest {largest.name} "
-        f"{list(largest.shape)} ({largest.numel * 4 * (len(plan.models) + 2) / 2**20:.0f} MiB working set)"
+        f"{list(largest.shape)} ({largest.numel * 4 * (plan.model_count(largest) + 2) / 2**20:.0f} MiB working set)"
     )
     groups = _parameter_groups(plan)
     if len(groups) > 1:  # filters or layer gradients give tensors different values

@@ -112,10 +112,12 @@ def _load(
 ) -> _Inputs:
     """Read one job's inputs into a float32 ``base`` and task-vector stack ``deltas`` (in ``owner``'s set of
     ``buffers`` if given, on CPU)."""
-    raw_base = plan.base.tensor(job.name)
+    base_in = plan.base_input(job)
+    raw_base = base_in.checkpoint.tensor(base_in.name)
     if not job.merge:
         return _Inputs(job, raw_base, None)
-    k = len(plan.models)
+    model_ins = plan.model_inputs(job)
+    k = len(model_ins)
     if buffers is not None and device.type == "cpu":
         base = buffers.get(0, job.numel, owner).view(job.shape).copy_(raw_base)
         deltas = buffers.get(1, k * job.numel, owner).view(k, *job.shape)
@@ -124,10 +126,10 @@ def _load(
         deltas = torch.empty((k, *job.shape), dtype=torch.float32, device=device)
     base_flat = base.reshape(-1)
     n = base_flat.numel()
-    rows_flat = deltas.reshape(len(plan.models), n)
+    rows_flat = deltas.reshape(k, n)
     checksum = torch.zeros((), dtype=torch.float32, device=device)  # NaN/Inf anywhere makes it non-finite
-    for i, model in enumerate(plan.models):
-        x = model.tensor(job.name)
+    for i, source in enumerate(model_ins):
+        x = source.checkpoint.tensor(source.name)
         if job.model_rows and x.shape[0] != job.shape[0]:
             rows = min(x.shape[0], job.shape[0])
             deltas[i, :rows].copy_(x[:rows])
@@ -147,9 +149,9 @@ def _load(
                     checksum.add_(chunk.sum())
             del x_flat
         del x
-        _release(model, job.name)
+        _release(source.checkpoint, source.name)
     del raw_base
-    _release(plan.base, job.name)
+    _release(base_in.checkpoint, base_in.name)
     if check_finite and not (torch.isfinite(checksum) and torch.isfinite(base_flat.sum())):
         _name_non_finite(plan, job, base, deltas)
     return _Inputs(job, base, deltas)
@@ -164,12 +166,14 @@ def _release(checkpoint: object, name: str) -> None:
 
 def _name_non_finite(plan: MergePlan, job: TensorJob, base: torch.Tensor, deltas: torch.Tensor) -> None:
     """Raise ``NonFiniteTensorError`` naming the input that holds NaN/Inf (a finite-sum overflow is not one)."""
+    base_in = plan.base_input(job)
     if not torch.isfinite(base).all():
         bad = int((~torch.isfinite(base)).sum())
         raise NonFiniteTensorError(
-            f"tensor {job.name!r} of the base ({plan.base.source}) holds {bad} NaN/Inf value(s); fix or re-export it"
+            f"tensor {base_in.name!r} of the base ({base_in.checkpoint.source}) holds {bad} NaN/Inf value(s); "
+            "fix or re-export it"
         )
-    for i, label in enumerate(plan.labels):
+    for i, label in enumerate(source.label for source in plan.model_inputs(job)):
         if not torch.isfinite(deltas[i]).all():
             bad = int((~torch.isfinite(deltas[i])).sum())
             raise NonFiniteTensorError(
@@ -185,23 +189,24 @@ def check_inputs_finite(plan: MergePlan, *, progress: bool = False) -> int:
     read), and its atomic writer leaves nothing behind on failure; this is the up-front version for a dry
     run.  Returns the number of tensors read.
     """
-    inputs = [("the base", plan.base)] + list(zip(plan.labels, plan.models, strict=True))
     read = 0
     with _job_progress(plan, progress, "checking") as job_done:
         for job in plan.jobs:
-            for label, checkpoint in inputs if job.merge else inputs[:1]:
-                flat = checkpoint.tensor(job.name).reshape(-1)
+            sources = [plan.base_input(job), *(plan.model_inputs(job) if job.merge else ())]
+            for source in sources:
+                checkpoint, label = source.checkpoint, source.label
+                flat = checkpoint.tensor(source.name).reshape(-1)
                 for lo in range(0, flat.numel(), LOAD_CHUNK):
                     if flat.is_floating_point() and not bool(
                         torch.isfinite(flat[lo : lo + LOAD_CHUNK]).all()
                     ):
                         bad = int((~torch.isfinite(flat)).sum())
                         raise NonFiniteTensorError(
-                            f"tensor {job.name!r} of {label} ({getattr(checkpoint, 'source', label)}) holds "
+                            f"tensor {source.name!r} of {label} ({getattr(checkpoint, 'source', label)}) holds "
                             f"{bad} NaN/Inf value(s); fix or re-export it, or drop that model from the recipe"
                         )
                 del flat
-                _release(checkpoint, job.name)
+                _release(checkpoint, source.name)
                 read += 1
             job_done(job)
     return read
@@ -331,7 +336,7 @@ def iter_merged(
 
 
 def _small(plan: MergePlan, job: TensorJob) -> bool:
-    return job.numel * 4 * (len(plan.models) + 1) <= PREFETCH_MAX_BYTES
+    return job.numel * 4 * (plan.model_count(job) + 1) <= PREFETCH_MAX_BYTES
 
 
 def _load_and_compute(

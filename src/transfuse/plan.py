@@ -35,7 +35,7 @@ from transfuse.io.writer import config_files
 from transfuse.methods.registry import MethodSpec, ParamValue
 from transfuse.recipe import ModelEntry, Recipe, evaluate_setting
 
-_LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks|block)\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # Tensors whose first axis is the vocabulary: their row counts may legitimately differ between models.
 _VOCAB_NAMES = ("embed_tokens", "word_embeddings", "wte", "lm_head", "embed_out", "tok_embeddings", "shared")
 # A job whose float32 working set is at most this runs on a worker, several at once (engine's threshold too).
@@ -45,8 +45,22 @@ _SAME_BASE_MIN_OVERLAP = 0.5
 
 
 @dataclass(frozen=True)
+class TensorSource:
+    """Where one input of a job is read: a checkpoint, the tensor's name there, and a label for messages."""
+
+    checkpoint: Checkpoint
+    name: str
+    label: str
+
+
+@dataclass(frozen=True)
 class TensorJob:
-    """One output tensor: what to read, which parameters apply, what to write."""
+    """One output tensor: what to read, which parameters apply, what to write.
+
+    ``base_source`` / ``model_sources`` say where the inputs are read when they are not the plan's base and
+    models at ``name`` (layer slices: another layer index, other models per slice); K is then
+    ``len(model_sources)``.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -58,6 +72,8 @@ class TensorJob:
         int, ...
     ] = ()  # first-axis length of each model's tensor when it differs (vocab fix-up)
     input_bytes: int = 0
+    base_source: TensorSource | None = None
+    model_sources: tuple[TensorSource, ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -98,11 +114,29 @@ class MergePlan:
     def largest_tensor(self) -> TensorJob:
         return max(self.jobs, key=lambda j: j.numel)
 
+    def base_input(self, job: TensorJob) -> TensorSource:
+        """The base tensor of ``job``."""
+        if job.base_source is not None:
+            return job.base_source
+        return TensorSource(self.base, job.name, "the base")
+
+    def model_inputs(self, job: TensorJob) -> tuple[TensorSource, ...]:
+        """The K model tensors of ``job``, in parameter order."""
+        if job.model_sources is not None:
+            return job.model_sources
+        return tuple(TensorSource(m, job.name, label) for m, label in zip(self.models, self.labels))
+
+    def model_count(self, job: TensorJob) -> int:
+        return len(job.model_sources) if job.model_sources is not None else len(self.models)
+
     def input_paths(self) -> list[Path]:
         """Every local file or dir the merge reads (models, adapters, config and tokenizer sources)."""
         r = self.recipe
         named = [r.base_model, r.tokenizer_source, r.config_source]
         named += [p for m in r.models for p in (m.path, m.lora)]
+        named += [
+            p for sl in r.slices or [] for src in sl.sources for p in (src.path, src.lora, sl.base_model)
+        ]
         named += [getattr(c, "source", None) for c in [self.base, *self.models]]
         named += [str(getattr(c, "adapter_dir", "")) or None for c in self.models]
         paths = {Path(p).expanduser() for p in named if p and p != "base"}
@@ -115,8 +149,7 @@ class MergePlan:
         ``threads`` workers up to ``threads + 1`` small jobs are in flight at once.  The writer streams, so it
         adds one output tensor.  Deliberately a slight overestimate: it is only used to refuse hopeless runs.
         """
-        k = len(self.models)
-        per_job = [j.numel * 4 * (k + 3) for j in self.jobs if j.merge] or [0]
+        per_job = [j.numel * 4 * (self.model_count(j) + 3) for j in self.jobs if j.merge] or [0]
         small = [b for b in per_job if b <= SMALL_JOB_BYTES]
         big = max((b for b in per_job if b > SMALL_JOB_BYTES), default=0)
         window = sum(sorted(small, reverse=True)[: max(threads, 1) + 1])
@@ -159,8 +192,15 @@ def build_plan(
 
     ``checkpoints`` maps recipe paths to already-open checkpoints (in-memory state dicts); others are opened.
     A LoRA adapter whose ``base_model_name_or_path`` names another existing local model than the one it is
-    applied to gives a warning, or ``LoraAdapterError`` with ``strict_lora_base``.
+    applied to gives a warning, or ``LoraAdapterError`` with ``strict_lora_base``.  A recipe with ``slices``
+    is planned by ``transfuse.slices``.
     """
+    if recipe.slices is not None:
+        from transfuse.slices import build_slice_plan
+
+        return build_slice_plan(
+            recipe, out_dtype=out_dtype, checkpoints=checkpoints, strict_lora_base=strict_lora_base
+        )
     spec = recipe.spec
     task_entries: list[ModelEntry] = recipe.task_models
     given = dict(checkpoints or {})
@@ -251,11 +291,7 @@ def _plan_tensors(
             ignored[label] = extra
 
     num_layers = count_layers(base_names)
-    if out_dtype is not None and out_dtype not in DTYPE_NAMES:
-        raise RecipeError(f"the output dtype must be one of {', '.join(DTYPE_NAMES)}, got {out_dtype!r}")
-    forced_dtype = torch_dtype(out_dtype) if out_dtype else None
-    named = recipe.out_dtype or recipe.dtype
-    recipe_dtype = torch_dtype(named) if named else None
+    forced_dtype, recipe_dtype = output_dtypes(recipe, out_dtype)
     jobs = []
     notes = []
     for name in base_names:
@@ -315,6 +351,14 @@ def _plan_tensors(
         ignored=ignored,
         notes=notes,
     )
+
+
+def output_dtypes(recipe: Recipe, out_dtype: str | None) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """The forced output dtype (``--dtype``) and the recipe's (``out_dtype``, else ``dtype``), each or None."""
+    if out_dtype is not None and out_dtype not in DTYPE_NAMES:
+        raise RecipeError(f"the output dtype must be one of {', '.join(DTYPE_NAMES)}, got {out_dtype!r}")
+    named = recipe.out_dtype or recipe.dtype
+    return (torch_dtype(out_dtype) if out_dtype else None), (torch_dtype(named) if named else None)
 
 
 def _vocab_rows(jobs: list[TensorJob]) -> dict[str, int]:
@@ -480,17 +524,30 @@ def _resolve_params(
     spec: MethodSpec, recipe: Recipe, tensor_name: str, t: float
 ) -> tuple[dict[str, ParamValue], dict[str, tuple[float, ...]]]:
     """Per-model settings first, then the global ``parameters``, then the method's default (MergeKit's order)."""
+    per_model = [(entry.label, [entry.parameters, recipe.parameters]) for entry in recipe.task_models]
+    return resolve_params(spec, per_model, [recipe.parameters], tensor_name, t)
+
+
+def resolve_params(
+    spec: MethodSpec,
+    per_model_scopes: list[tuple[str, list[dict]]],
+    global_scopes: list[dict],
+    tensor_name: str,
+    t: float,
+) -> tuple[dict[str, ParamValue], dict[str, tuple[float, ...]]]:
+    """Each parameter's value for one tensor: the first scope that sets it (filters and gradients evaluated at
+    ``t``), else the method's default.  ``per_model_scopes``: (label, scopes from highest precedence) per model;
+    ``global_scopes`` likewise for global parameters."""
     global_params: dict[str, ParamValue] = {}
     model_params: dict[str, tuple[float, ...]] = {}
     for param in spec.all_params:
         if param.per_model:
-            values = []
-            for entry in recipe.task_models:
-                value = _first(param, [entry.parameters, recipe.parameters], tensor_name, t, entry.label)
-                values.append(float(value))
+            values = [
+                float(_first(param, scopes, tensor_name, t, label)) for label, scopes in per_model_scopes
+            ]
             model_params[param.name] = tuple(values)
         else:
-            global_params[param.name] = _first(param, [recipe.parameters], tensor_name, t, "parameters")
+            global_params[param.name] = _first(param, global_scopes, tensor_name, t, "parameters")
     return global_params, model_params
 
 

@@ -40,6 +40,7 @@ TOP_LEVEL_KEYS = {
     "merge_method",
     "base_model",
     "models",
+    "slices",
     "parameters",
     "dtype",
     "out_dtype",
@@ -51,7 +52,6 @@ TOP_LEVEL_KEYS = {
 }
 # MergeKit keys transfuse does not implement: named so the error says so instead of "unknown key".
 UNSUPPORTED_MERGEKIT_KEYS = {
-    "slices": "layer slicing (passthrough/frankenmerges)",
     "modules": "per-module definitions",
     "tokenizer": "tokenizer merging",
     "chat_template": "chat template selection",
@@ -79,6 +79,42 @@ class ModelEntry:
         return f"{self.path}+{self.lora}" if self.lora else self.path
 
 
+@dataclass(frozen=True)
+class SliceSource:
+    """One input of an output slice: layers ``[start, end)`` of a model, with its own parameter settings."""
+
+    path: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Setting] = field(default_factory=dict)
+    lora: str | None = None
+
+    @property
+    def label(self) -> str:
+        name = f"{self.path}+{self.lora}" if self.lora else self.path
+        return f"{name}[{self.layer_range[0]}:{self.layer_range[1]}]"
+
+    @property
+    def layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass(frozen=True)
+class OutputSlice:
+    """A run of output layers merged from the same number of layers of each source (MergeKit's ``slices``).
+
+    ``base_model`` overrides the recipe's for this slice; ``parameters`` rank between each source's own and the
+    recipe's global ``parameters``.
+    """
+
+    sources: tuple[SliceSource, ...]
+    base_model: str | None = None
+    parameters: dict[str, Setting] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> int:
+        return self.sources[0].layers
+
+
 @dataclass
 class Recipe:
     """A validated recipe.  Build with ``Recipe.from_dict`` / ``Recipe.load``; ``to_dict`` round-trips."""
@@ -94,6 +130,8 @@ class Recipe:
     seed: int = 0
     vocab_mismatch: str = "error"
     name: str | None = None
+    # MergeKit's layer slices (frankenmerges, per-slice merges); ``models`` is then empty.
+    slices: list[OutputSlice] | None = None
 
     @property
     def spec(self) -> MethodSpec:
@@ -126,7 +164,7 @@ class Recipe:
             if key in UNSUPPORTED_MERGEKIT_KEYS:
                 raise RecipeError(
                     f"recipe key {key!r} ({UNSUPPORTED_MERGEKIT_KEYS[key]}) is a MergeKit feature transfuse "
-                    "does not support; use `models:` with `base_model:` instead"
+                    "does not support yet; use `models:` or `slices:` with `base_model:` instead"
                 )
             if key not in TOP_LEVEL_KEYS:
                 raise RecipeError(
@@ -147,36 +185,22 @@ class Recipe:
         base = data.get("base_model")
         base = resolve(base, "base_model") if base is not None else None
 
-        raw_models = data.get("models")
-        if not isinstance(raw_models, list) or not raw_models:
-            raise RecipeError("`models` must be a non-empty list of {model: PATH, parameters: {...}}")
-        models = []
-        for i, entry in enumerate(raw_models):
-            if isinstance(entry, str):
-                entry = {"model": entry}
-            if not isinstance(entry, dict) or "model" not in entry:
-                raise RecipeError(f"models[{i}] must be a mapping with a `model` key, got {entry!r}")
-            extra = set(entry) - {"model", "parameters"}
-            if extra:
-                raise RecipeError(
-                    f"unknown key(s) {sorted(extra)} in models[{i}]; allowed: model, parameters"
-                )
-            target = entry["model"]
-            if not isinstance(target, str):
-                raise RecipeError(f"models[{i}].model must be a path string, got {target!r}")
-            lora = None
-            if "+" in target and not Path(target).exists():
-                target, lora = target.split("+", 1)
-                lora = resolve(lora, f"models[{i}] LoRA")
-            params = entry.get("parameters") or {}
-            if not isinstance(params, dict):
-                raise RecipeError(f"models[{i}].parameters must be a mapping, got {params!r}")
-            models.append(
-                ModelEntry(path=resolve(target, f"models[{i}].model"), parameters=params, lora=lora)
+        if ("models" in data) == ("slices" in data):
+            raise RecipeError(
+                "a recipe needs exactly one of `models:` (whole models) or `slices:` (layer ranges)"
             )
-
-        _refuse_duplicates(models)
-
+        models: list[ModelEntry] = []
+        slices: list[OutputSlice] | None = None
+        if "models" in data:
+            raw_models = data.get("models")
+            if not isinstance(raw_models, list) or not raw_models:
+                raise RecipeError("`models` must be a non-empty list of {model: PATH, parameters: {...}}")
+            for i, entry in enumerate(raw_models):
+                path, lora, params, _ = _parse_input(entry, f"models[{i}]", resolve, slice_source=False)
+                models.append(ModelEntry(path=path, parameters=params, lora=lora))
+            _refuse_duplicates(models)
+        else:
+            slices = _parse_slices(data.get("slices"), resolve)
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise RecipeError(f"`parameters` must be a mapping, got {params!r}")
@@ -218,6 +242,7 @@ class Recipe:
             seed=seed,
             vocab_mismatch=vocab,
             name=data.get("name"),
+            slices=slices,
         )
         recipe.validate()
         return recipe
@@ -226,37 +251,69 @@ class Recipe:
     def validate(self) -> None:
         """Check method arity and every parameter setting's names, types and ranges (no files are read)."""
         spec = self.spec
+        for name, setting in self.parameters.items():
+            _check_setting(spec, name, setting, "parameters")
+        if self.slices is not None:
+            for i, output in enumerate(self.slices):
+                self._validate_slice(i, output)
+            return
         if spec.needs_base and self.base_model is None:
             raise RecipeError(
                 f"method {spec.name!r} needs `base_model` (the model the experts were fine-tuned from)"
             )
-        n = len(self.task_models)
+        self._check_arity(len(self.task_models), "")
+        for entry in self.models:
+            _check_per_model_settings(spec, entry.parameters, f"model {entry.label}")
+
+    def _check_arity(self, n: int, where: str) -> None:
+        spec = self.spec
         if n < spec.min_models:
             raise RecipeError(
-                f"method {spec.name!r} needs at least {spec.min_models} model(s) besides the base, got {n}"
+                f"method {spec.name!r} needs at least {spec.min_models} model(s) besides the base{where}, got {n}"
             )
         if spec.max_models is not None and n > spec.max_models:
             raise RecipeError(
-                f"method {spec.name!r} takes at most {spec.max_models} model(s) besides the base, got {n}"
+                f"method {spec.name!r} takes at most {spec.max_models} model(s) besides the base{where}, got {n}"
             )
-        for name, setting in self.parameters.items():
-            _check_setting(spec, name, setting, "parameters")
-        for entry in self.models:
-            for name, setting in entry.parameters.items():
-                param = spec.param(name)
-                if not param.per_model:
-                    raise ParameterError(
-                        f"parameter {name!r} of {spec.name!r} is global: set it under the top-level `parameters`, "
-                        f"not under model {entry.label}"
-                    )
-                _check_setting(spec, name, setting, f"model {entry.label}")
+
+    def _validate_slice(self, i: int, output: OutputSlice) -> None:
+        spec = self.spec
+        where = f" in slices[{i}]"
+        if spec.needs_base:
+            base = output.base_model or self.base_model
+            if base is None:
+                raise RecipeError(f"method {spec.name!r} needs `base_model` (top level or{where})")
+            if self.slice_base(output) is None:
+                raise RecipeError(
+                    f"slices[{i}]: the base {base} must be one of the slice's sources (with the layer range to "
+                    "take from it), as in MergeKit"
+                )
+        self._check_arity(len(self.slice_task_sources(output)), where)
+        for name, setting in output.parameters.items():
+            _check_setting(spec, name, setting, f"slices[{i}].parameters")
+        for source in output.sources:
+            _check_per_model_settings(spec, source.parameters, f"slices[{i}] source {source.label}")
+
+    def slice_base(self, output: OutputSlice) -> SliceSource | None:
+        """The source of ``output`` that is its base model (``None`` for methods without a base)."""
+        base = output.base_model or self.base_model
+        if base is None or not self.spec.needs_base:
+            return None
+        key = _input_key(base, None)
+        return next((s for s in output.sources if _input_key(s.path, s.lora) == key), None)
+
+    def slice_task_sources(self, output: OutputSlice) -> list[SliceSource]:
+        """The sources of ``output`` that contribute task vectors (all but its base)."""
+        base = self.slice_base(output)
+        return [s for s in output.sources if s is not base]
 
     @property
     def task_models(self) -> list[ModelEntry]:
         """The models that contribute task vectors: every listed model except the base itself."""
         if self.base_model is None or not self.spec.needs_base:
             return list(self.models)
-        return [m for m in self.models if not (m.path == self.base_model and m.lora is None)]
+        base = _input_key(self.base_model, None)
+        return [m for m in self.models if _input_key(m.path, m.lora) != base]
 
     def to_dict(self, *, absolute_paths: bool = False) -> dict[str, Any]:
         """The recipe as YAML-ready data.  ``absolute_paths``: local paths made absolute (symlinks kept), so a
@@ -267,13 +324,31 @@ class Recipe:
                 return p
             return os.path.abspath(Path(p).expanduser())
 
+        def model(path: str, lora: str | None) -> str | None:
+            return f"{where(path)}+{where(lora)}" if lora else where(path)
+
         out: dict[str, Any] = {"merge_method": self.method}
         if self.base_model is not None:
             out["base_model"] = where(self.base_model)
-        out["models"] = []
-        for m in self.models:
-            label = f"{where(m.path)}+{where(m.lora)}" if m.lora else where(m.path)
-            out["models"].append({"model": label, **({"parameters": m.parameters} if m.parameters else {})})
+        if self.slices is not None:
+            out["slices"] = []
+            for output in self.slices:
+                entry: dict[str, Any] = {"sources": []}
+                for src in output.sources:
+                    item = {"model": model(src.path, src.lora), "layer_range": list(src.layer_range)}
+                    entry["sources"].append(
+                        {**item, **({"parameters": src.parameters} if src.parameters else {})}
+                    )
+                if output.base_model is not None:
+                    entry["base_model"] = where(output.base_model)
+                if output.parameters:
+                    entry["parameters"] = output.parameters
+                out["slices"].append(entry)
+        else:
+            out["models"] = [
+                {"model": model(m.path, m.lora), **({"parameters": m.parameters} if m.parameters else {})}
+                for m in self.models
+            ]
         if self.parameters:
             out["parameters"] = self.parameters
         for key in ("dtype", "out_dtype", "tokenizer_source", "config_source", "name"):
@@ -287,6 +362,99 @@ class Recipe:
 
     def to_yaml(self, *, absolute_paths: bool = False) -> str:
         return yaml.safe_dump(self.to_dict(absolute_paths=absolute_paths), sort_keys=False)
+
+
+def _parse_input(
+    entry: Any, where: str, resolve: Any, *, slice_source: bool
+) -> tuple[str, str | None, dict[str, Setting], tuple[int, int] | None]:
+    """One ``models[]`` entry or slice source -> (path, LoRA path or None, parameters, layer range or None)."""
+    if isinstance(entry, str) and not slice_source:
+        entry = {"model": entry}
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise RecipeError(f"{where} must be a mapping with a `model` key, got {entry!r}")
+    allowed = {"model", "parameters", "layer_range"} if slice_source else {"model", "parameters"}
+    extra = set(entry) - allowed
+    if extra:
+        raise RecipeError(f"unknown key(s) {sorted(extra)} in {where}; allowed: {', '.join(sorted(allowed))}")
+    target = entry["model"]
+    if not isinstance(target, str):
+        raise RecipeError(f"{where}.model must be a path string, got {target!r}")
+    lora = None
+    if "+" in target and not Path(target).exists():
+        target, lora = target.split("+", 1)
+        lora = resolve(lora, f"{where} LoRA")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RecipeError(f"{where}.parameters must be a mapping, got {params!r}")
+    layer_range = None
+    if slice_source:
+        layer_range = entry.get("layer_range")
+        if (
+            not isinstance(layer_range, (list, tuple))
+            or len(layer_range) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+            or not 0 <= layer_range[0] < layer_range[1]
+        ):
+            raise RecipeError(
+                f"{where}.layer_range must be [start, end] with 0 <= start < end (end exclusive), got "
+                f"{layer_range!r}"
+            )
+        layer_range = (layer_range[0], layer_range[1])
+    return resolve(target, f"{where}.model"), lora, params, layer_range
+
+
+def _parse_slices(raw: Any, resolve: Any) -> list[OutputSlice]:
+    if not isinstance(raw, list) or not raw:
+        raise RecipeError("`slices` must be a non-empty list of {sources: [{model, layer_range}, ...]}")
+    slices = []
+    for i, entry in enumerate(raw):
+        where = f"slices[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("sources"), list) or not entry["sources"]:
+            raise RecipeError(f"{where} must be a mapping with a non-empty `sources` list, got {entry!r}")
+        extra = set(entry) - {"sources", "base_model", "parameters"}
+        if extra:
+            raise RecipeError(
+                f"unknown key(s) {sorted(extra)} in {where}; allowed: base_model, parameters, sources"
+            )
+        sources = []
+        for j, item in enumerate(entry["sources"]):
+            path, lora, params, layer_range = _parse_input(
+                item, f"{where}.sources[{j}]", resolve, slice_source=True
+            )
+            assert layer_range is not None
+            sources.append(SliceSource(path=path, layer_range=layer_range, parameters=params, lora=lora))
+        lengths = {s.layers for s in sources}
+        if len(lengths) > 1:
+            raise RecipeError(
+                f"{where}: every source must span the same number of layers, got "
+                + ", ".join(f"{s.label} ({s.layers})" for s in sources)
+            )
+        keys = [(_input_key(s.path, s.lora), s.layer_range) for s in sources]
+        if len(set(keys)) != len(keys):
+            raise DuplicateInputError(f"{where} lists the same model and layer range twice")
+        params = entry.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise RecipeError(f"{where}.parameters must be a mapping, got {params!r}")
+        base = entry.get("base_model")
+        slices.append(
+            OutputSlice(
+                sources=tuple(sources),
+                base_model=resolve(base, f"{where}.base_model") if base is not None else None,
+                parameters=params,
+            )
+        )
+    return slices
+
+
+def _check_per_model_settings(spec: MethodSpec, settings: dict[str, Setting], where: str) -> None:
+    for name, setting in settings.items():
+        param = spec.param(name)
+        if not param.per_model:
+            raise ParameterError(
+                f"parameter {name!r} of {spec.name!r} is global: set it under the top-level `parameters`, "
+                f"not under {where}"
+            )
+        _check_setting(spec, name, setting, where)
 
 
 def _input_key(path: str, lora: str | None) -> tuple[str, str | None]:

@@ -148,12 +148,20 @@ class EvaluationCache:
 
 @functools.lru_cache(maxsize=1)
 def merge_code_digest() -> str:
-    """sha256 of the source files that determine a merge's result: the methods, recipe, plan, engine, API and
-    the in-memory reader."""
+    """sha256 of the source files that determine a merge's result: the methods, their chunk runtime, recipe,
+    plan (slices too), engine, API and the in-memory reader."""
     root = Path(__file__).resolve().parents[1]
-    files = sorted((root / "methods").glob("*.py")) + [
-        root / name for name in ("recipe.py", "plan.py", "engine.py", "api.py", "io/state_dict.py")
-    ]
+    names = (
+        "recipe.py",
+        "plan.py",
+        "slices.py",
+        "chunks.py",
+        "dtypes.py",
+        "engine.py",
+        "api.py",
+        "io/state_dict.py",
+    )
+    files = sorted((root / "methods").glob("*.py")) + [root / name for name in names]
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.relative_to(root).as_posix().encode() + b"\x00" + path.read_bytes())
