@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from transfuse import select
+from transfuse.select.rank import FEATURE_METRICS, HEAD_METRICS
 
-FEATURE_METRICS = ["logme", "h_score", "shrinkage_h_score", "gbc", "transrate", "sfda", "tmi", "nleep"]
-ALL_METRICS = ["leep", "nce", *FEATURE_METRICS]
+ALL_METRICS = [*HEAD_METRICS, *FEATURE_METRICS]
 SOURCE_CLASSES = 1000
 
 

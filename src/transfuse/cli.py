@@ -388,8 +388,8 @@ def rank(
     metric: Annotated[
         str,
         typer.Option(
-            help="logme, nleep, h_score, shrinkage_h_score, gbc, transrate, "
-            "sfda, tmi; leep/nce for experts with one head."
+            help="Transferability metric (default logme; leep and nce need experts with one head); an unknown "
+            "name lists them all (docs/selection.md)."
         ),
     ] = "logme",
     pool: Annotated[
@@ -435,7 +435,7 @@ def rank(
             metric,
             max_examples=max_examples or None,
             device=device,
-            progress=err_console.log,
+            log=err_console.log,
         )
     except TransfuseError as exc:
         _fail(exc)
@@ -511,7 +511,7 @@ def affinity(
             max_examples=test_examples or None,
             device=device,
             backbone_dir=backbone_dir,
-            progress=err_console.log if progress else None,
+            log=err_console.log if progress else None,
         )
         written = write_affinity(result, out)
     except TransfuseError as exc:

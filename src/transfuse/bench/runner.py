@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from transfuse import __version__
+from transfuse._version import __version__
 from transfuse.bench.config import BenchConfig, BenchConfigError
 from transfuse.cache_dir import cache_root as default_cache_dir
 from transfuse.data import load_task_suite

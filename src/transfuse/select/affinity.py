@@ -109,7 +109,7 @@ def interference_matrix(
     evaluate_model: Callable[[Any, Sequence[str]], Mapping[str, float]],
     expert_accuracy: Mapping[str, float],
     *,
-    progress: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
     """Measured pairwise interference (see the module docstring) and each pair merge's accuracies.
 
@@ -125,8 +125,8 @@ def interference_matrix(
         drop = ((expert_accuracy[a] - acc[a]) + (expert_accuracy[b] - acc[b])) / 2
         out[i, j] = out[j, i] = drop
         accuracies[f"{a}+{b}"] = dict(acc)
-        if progress is not None:
-            progress(f"{a} + {b}: interference {100 * drop:+.1f} points")
+        if log is not None:
+            log(f"{a} + {b}: interference {100 * drop:+.1f} points")
     return out, accuracies
 
 

@@ -29,7 +29,7 @@ from transfuse.select.affinity import (
 def measure_affinity(
     suite: TaskSuite | Sequence[Task],
     experts: Mapping[str, Any],
-    base_state: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
     *,
     lambda_: float = 1.0,
     density: float = 0.2,
@@ -37,7 +37,7 @@ def measure_affinity(
     max_length: int = 48,
     device: str = "cpu",
     backbone_dir: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Cosine, sign-conflict and measured-interference matrices of `experts` (``{task: Expert | dir}``) on
     `suite`'s test split (first `max_examples` per task), and how well the cheap signals predict interference.
@@ -56,7 +56,7 @@ def measure_affinity(
     names = [n for n in tasks if n in experts]
     dirs = {n: Path(getattr(experts[n], "path", experts[n])) for n in names}
     states = {n: Encoder.load(dirs[n]).state_dict() for n in names}
-    base = {k: v for k, v in base_state.items() if k in states[names[0]]} if names else dict(base_state)
+    base = {k: v for k, v in base.items() if k in states[names[0]]} if names else dict(base)
     vectors = task_vectors(base, states)
     cosine = cosine_matrix(vectors)
     conflicts = sign_conflict_matrix(vectors, density=density)
@@ -77,9 +77,7 @@ def measure_affinity(
     def merge_pair(a: str, b: str) -> dict[str, torch.Tensor]:
         return merge_state_dicts(base, [states[a], states[b]], "task_arithmetic", **{"lambda": lambda_})
 
-    interference, pair_accuracy = interference_matrix(
-        names, merge_pair, accuracy, expert_accuracy, progress=progress
-    )
+    interference, pair_accuracy = interference_matrix(names, merge_pair, accuracy, expert_accuracy, log=log)
     return {
         "tasks": names,
         "settings": {

@@ -64,7 +64,7 @@ def rank_sources(
     max_length: int = 48,
     batch_size: int = 64,
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[RankedCandidate]:
     """Score every candidate encoder on `target` with `metric`; best first.
 
@@ -82,7 +82,7 @@ def rank_sources(
         max_length=max_length,
         batch_size=batch_size,
         device=device,
-        progress=progress,
+        log=log,
     )
     rows = sorted(table, key=lambda row: _sort_key(row["scores"][metric]))
     return [
@@ -109,7 +109,7 @@ def score_candidates(
     max_length: int = 48,
     batch_size: int = 64,
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Every candidate scored by every metric in `metrics`, embedding the target's texts once per candidate.
 
@@ -133,7 +133,7 @@ def score_candidates(
             _single_head(name, path)
     texts = [e.text for e in examples]
     labels = torch.tensor([e.label for e in examples])
-    say = progress or (lambda _msg: None)
+    say = log or (lambda _msg: None)
 
     rows: list[dict[str, Any]] = []
     for name, path in named.items():
