@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import transfuse.io.writer as writer_module
 from transfuse.errors import CheckpointError, OutputExistsError, WriteError
 from transfuse.io import ShardedWriter, config_files, open_checkpoint
+from transfuse.io.files import HOST_TAG
 
 META = {"merge_method": "ties", "recipe": "models: []\n"}
 
@@ -222,7 +223,7 @@ def test_a_killed_writers_temp_dir_is_removed_by_the_next_writer(tmp_path):
     stale = leftovers(tmp_path)
     assert len(stale) == 1 and stale[0].startswith(".out.tmp-")
     # not ours to judge: another output's dir, another host's, and one of a live process (this one)
-    host = writer_module._HOST
+    host = HOST_TAG
     other_host = "000000" if host != "000000" else "111111"
     keep = [
         f".other.tmp-{host}-999999-0123abcd",  # (pid 999999: no such process)

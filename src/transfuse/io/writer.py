@@ -32,13 +32,10 @@ when that happens without an exception).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
-import socket
 import struct
 import warnings
 import weakref
@@ -50,6 +47,7 @@ import torch
 from safetensors.torch import save_file
 
 from transfuse.errors import CheckpointError, OutputExistsError, WriteError
+from transfuse.io.files import HOST_TAG, publish_dir, remove_stale_dirs
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -110,35 +108,11 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
-# This machine's tag in temp dir names: a stale dir is only ever judged by the host whose process made it.
-_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
-
-
 def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
     """Remove the temp dirs that writers for ``out_dir`` on this host left when they were killed (SIGKILL,
-    power loss: no Python cleanup ran), i.e. whose process is gone; return what was removed."""
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(?:tmp|old)-{_HOST}-(\d+)-[0-9a-f]{{8}}$")
-    removed = []
-    try:
-        entries = list(out_dir.parent.iterdir())
-    except OSError:
-        return removed
-    for entry in entries:
-        match = pattern.match(entry.name)
-        if match and int(match.group(1)) != os.getpid() and not _process_alive(int(match.group(1))):
-            _remove_tree(entry)
-            removed.append(entry)
-    return removed
+    power loss: no Python cleanup ran), i.e. whose process is gone; return what was removed (see
+    ``io.files.remove_stale_dirs``, which also moves an orphaned old output back into place)."""
+    return remove_stale_dirs(out_dir)
 
 
 def _remove_tree(path: Path) -> None:
@@ -271,7 +245,9 @@ class ShardedWriter:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temp_dirs(self.out_dir)
-            self.tmp_dir = parent / f".{self.out_dir.name}.tmp-{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
+            self.tmp_dir = (
+                parent / f".{self.out_dir.name}.tmp-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
+            )
             self.tmp_dir.mkdir()
         except OSError as exc:
             raise WriteError(f"cannot create the output's temp dir in {parent}: {exc}") from exc
@@ -580,8 +556,6 @@ class ShardedWriter:
                 os.fsync(fh.fileno())
 
     def _move_into_place(self) -> None:
-        from transfuse.io.files import publish_dir
-
         self._check_target()  # again: something may have appeared there while we merged
         # overwrite=True and a non-empty dir is there: swapped, keeping the old until the new is in place.
         publish_dir(self.tmp_dir, self.out_dir, replace=self.overwrite)
