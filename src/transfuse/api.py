@@ -60,6 +60,26 @@ def parse_size(text: str | int) -> int:
     return int(value)
 
 
+def parse_shard_count(text: str | int) -> int:
+    """MergeKit's ``--out-shard-size``: a number with an optional K / M / B suffix (thousand, million,
+    billion), compared with each shard's bytes as MergeKit does (so ``5B`` is 5e9 bytes)."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        s = str(text).strip().upper()
+        scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(s[-1:], 1)
+        digits = s[:-1] if s[-1:] in ("K", "M", "B") else s
+        if not digits.isdigit():
+            raise InvalidOptionError(
+                f"--out-shard-size {text!r}: write a whole number with an optional K, M or B suffix, e.g. 5B "
+                "(MergeKit's spelling; --shard-size takes 5GB)"
+            )
+        value = int(digits) * scale
+    if value < 1:
+        raise InvalidOptionError(f"--out-shard-size {text!r} must be positive")
+    return value
+
+
 def validate_device(device: str | torch.device) -> torch.device:
     """The compute device, checked: ``cpu``, or a CUDA GPU that torch sees (``cuda`` / ``cuda:N``)."""
     try:
@@ -213,6 +233,8 @@ def merge(
     progress: bool = True,
     strict_lora_base: bool = False,
     check_memory_fits: bool = True,
+    copy_tokenizer: bool = True,
+    model_card: bool = True,
 ) -> MergeResult:
     """Merge the models a recipe names into ``out_dir`` (sharded safetensors + index, config and tokenizer files).
 
@@ -220,7 +242,8 @@ def merge(
     inside or around one), the recipe and its inputs, the config and tokenizer the output gets, and the
     estimated peak memory (``check_memory_fits=False`` skips that).  The output is built in a temporary folder
     beside ``out_dir`` and moved into place only when complete; a merged tensor holding inf/NaN aborts it.
-    ``dtype`` overrides the recipe's output dtype; ``seed`` its seed (random methods).
+    ``dtype`` overrides the recipe's output dtype; ``seed`` its seed (random methods).  ``copy_tokenizer``:
+    copy the tokenizer / chat-template files; ``model_card``: write a README.md model card (as MergeKit does).
     """
     max_shard = parse_size(shard_size)
     compute_device = validate_device(device)
@@ -246,11 +269,15 @@ def merge(
                 writer.add(name, finite_output(plan, name, tensor))
 
             stats = run_plan(plan, add_finite, device=compute_device, threads=threads, progress=progress)
-            if plan.tokenizer_dir is not None:
+            if plan.tokenizer_dir is not None and copy_tokenizer:
                 writer.copy_config_from(plan.tokenizer_dir, skip=("config.json",))
             if plan.config is not None:
                 writer.add_file("config.json", _config_with_dtype(plan))
             writer.add_file("recipe.yaml", f"# written by transfuse {__version__}\n{recipe_yaml}")
+            if model_card:
+                from transfuse.model_card import render_model_card
+
+                writer.add_file("README.md", render_model_card(plan, recipe_yaml))
             path = writer.finish()
         return MergeResult(
             out_dir=Path(path), stats=stats, plan_notes=list(plan.notes), warnings=list(plan.warnings)

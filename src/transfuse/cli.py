@@ -44,6 +44,19 @@ def merge(
         ),
     ] = None,
     shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
+    out_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            help="MergeKit's spelling of --shard-size: a count with K/M/B suffix, e.g. 5B (= 5 GB)."
+        ),
+    ] = None,
+    copy_tokenizer: Annotated[
+        bool, typer.Option(help="Copy the tokenizer and chat-template files into OUT_DIR (MergeKit's flag).")
+    ] = True,
+    model_card: Annotated[
+        bool,
+        typer.Option(help="Write a README.md model card (method, inputs, the recipe), as MergeKit does."),
+    ] = True,
     threads: Annotated[
         int | None,
         typer.Option(
@@ -88,6 +101,7 @@ def merge(
         check_memory,
         check_output_location,
         check_output_target,
+        parse_shard_count,
         parse_size,
         plan_merge,
         validate_device,
@@ -100,6 +114,10 @@ def merge(
         with exit_on_termination_signals():
             if dtype is not None and dtype not in DTYPE_NAMES:
                 raise TransfuseError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, got {dtype!r}")
+            if out_shard_size is not None:
+                if shard_size != "5GB":
+                    raise TransfuseError("give --shard-size or --out-shard-size, not both")
+                shard_size = str(parse_shard_count(out_shard_size))
             parse_size(shard_size)
             compute_device = validate_device(device)
             validate_threads(threads)
@@ -128,6 +146,8 @@ def merge(
                 progress=progress,
                 strict_lora_base=strict_lora_base,
                 check_memory_fits=memory_check,
+                copy_tokenizer=copy_tokenizer,
+                model_card=model_card,
             )
     except TransfuseError as exc:
         _fail(exc)
