@@ -270,3 +270,35 @@ def test_documented_errors(llama_pair, tmp_path):
         "generation_config.json",
         "model.safetensors",
     ]
+
+
+@pytest.mark.parametrize(
+    "config_cls", ["LlamaConfig", "MistralConfig", "Qwen2Config", "Gemma2Config", "Phi3Config"]
+)
+def test_layer_kinds_read_from_names_match_the_model_classes(tmp_path, config_cls):
+    """The families whose kinds are read from the names (no model import) give what the model class says."""
+    from transfuse.lora_targets import NAMED_BY_CONVENTION, kinds_from_model_class, module_kinds
+
+    config = getattr(transformers, config_cls)(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, pad_token_id=0,
+    )  # fmt: skip
+    assert config.model_type in NAMED_BY_CONVENTION
+    config.architectures = [config_cls.replace("Config", "ForCausalLM")]
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = getattr(transformers, config.architectures[0])(config)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    by_names, note = module_kinds(tmp_path, shapes)
+    assert note is None
+    from_model, _ = kinds_from_model_class(tmp_path)
+    assert by_names == {m: from_model[m] for m in by_names}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gives_the_cpu_adapter(llama_pair, tmp_path):
+    base, ft, _ = llama_pair
+    cpu = extract_lora(ft, base, tmp_path / "cpu", rank=2, svd="randomized")
+    gpu = extract_lora(ft, base, tmp_path / "gpu", rank=2, svd="randomized", device="cuda")
+    for a, b in zip(cpu.matrices, gpu.matrices, strict=True):
+        assert a.name == b.name and a.relative_error == pytest.approx(b.relative_error, rel=1e-4, abs=1e-6)

@@ -640,7 +640,7 @@ def lora_extract(
         str | None, typer.Option(help="dtype of the adapter's tensors (default: each fine-tuned tensor's).")
     ] = None,
     oversample: Annotated[int, typer.Option(help="Randomized SVD: extra columns of the range finder.")] = 8,
-    power_iterations: Annotated[int, typer.Option(help="Randomized SVD: power iterations.")] = 2,
+    power_iterations: Annotated[int, typer.Option(help="Randomized SVD: power iterations.")] = 4,
     seed: Annotated[int, typer.Option(help="Seed of the randomized SVD (per tensor: seed and name).")] = 0,
     device: Annotated[str, typer.Option(help="Compute device: cpu, cuda or cuda:N.")] = "cpu",
     overwrite: Annotated[

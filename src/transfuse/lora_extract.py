@@ -17,8 +17,6 @@ import hashlib
 import json
 import math
 import os
-import secrets
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +150,7 @@ def extract_lora(
     split: str = "sqrt",
     dtype: str | None = None,
     oversample: int = 8,
-    power_iterations: int = 2,
+    power_iterations: int = 4,
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = False,
@@ -476,31 +474,18 @@ def _progress_bar(total: int):
 def _write_adapter(
     out: Path, tensors: dict[str, torch.Tensor], result: LoraExtraction, *, overwrite: bool
 ) -> None:
-    """adapter_model.safetensors, adapter_config.json and extraction.json in a temp dir beside ``out``, then
-    published by renames (:func:`transfuse.io.files.publish_dir`)."""
+    """adapter_model.safetensors, adapter_config.json and extraction.json, built in a temp dir beside ``out`` and
+    published by renames when complete (:func:`transfuse.io.files.staged_dir`)."""
     from safetensors.torch import save_file
 
-    from transfuse.io.files import HOST_TAG, publish_dir
-    from transfuse.io.writer import remove_stale_temp_dirs
+    from transfuse.io.files import staged_dir
 
-    out = Path(os.path.abspath(out))
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_dirs(out)
-        tmp = out.parent / f".{out.name}.tmp-{HOST_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-    except OSError as exc:
-        raise WriteError(f"cannot create the output's temp dir in {out.parent}: {exc}") from exc
-    try:
-        try:
+        with staged_dir(Path(os.path.abspath(out)), replace=overwrite) as tmp:
             save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
             (tmp / "adapter_config.json").write_text(
                 json.dumps(result.config, indent=2) + "\n", encoding="utf-8"
             )
             (tmp / REPORT_FILE).write_text(json.dumps(result.report(), indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise WriteError(f"cannot write the adapter into {tmp}: {exc}") from exc
-        publish_dir(tmp, out, replace=overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        raise WriteError(f"cannot write the adapter {out}: {exc}") from exc

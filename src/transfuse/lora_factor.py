@@ -77,7 +77,7 @@ def low_rank_factors(
     energy: float | None = None,
     svd: str = "randomized",
     oversample: int = 8,
-    power_iterations: int = 2,
+    power_iterations: int = 4,
     split: str = "sqrt",
     dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
