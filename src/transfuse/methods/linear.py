@@ -7,14 +7,14 @@ from torch import Tensor
 
 from transfuse.chunks import Scratch
 from transfuse.errors import ParameterError
-from transfuse.methods._params import NORMALIZE_TRUE
+from transfuse.methods._params import INT8_MASK, NORMALIZE_TRUE
 from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import register
 
 
 @register(
     "linear",
-    params=(NORMALIZE_TRUE,),
+    params=(NORMALIZE_TRUE, INT8_MASK),
     paper="Wortsman et al., Model soups, ICML 2022 (arXiv:2203.05482)",
     needs_base=False,
     mergekit_name="linear",
@@ -24,7 +24,8 @@ def linear(base: Tensor, deltas: Tensor, weights: Tensor, *, normalize: bool, ct
 
     With ``theta_i = base + delta_i`` this is computed as ``base * sum(w) + sum_i w_i delta_i`` (divided by
     ``sum(w)``), so the result does not depend on which tensor the engine used as ``base``.  Overwrites
-    ``deltas`` (the result is a view of its first row).
+    ``deltas`` (the result is a view of its first row).  ``int8_mask`` is accepted (inert) because MergeKit's
+    evolutionary merge writes it into the ``linear`` recipes it produces; MergeKit's linear ignores it too.
 
     Wortsman et al., "Model soups: averaging weights of multiple fine-tuned models improves accuracy
     without increasing inference time", ICML 2022.  MergeKit: ``linear``.
