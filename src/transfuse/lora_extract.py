@@ -302,33 +302,38 @@ class _Extractor:
         base_t, ft_t = self.base.tensor(name), self.ft.tensor(name)
         module, param = split_name(name)
         kind = self.kinds.get(module, OTHER)
-        if not ft_t.dtype.is_floating_point:
-            if not torch.equal(base_t, ft_t):
-                self._skip(name, "it is not a floating-point tensor")
+        if torch.equal(
+            base_t, ft_t
+        ):  # unchanged: nothing to store (compares the stored values, copies nothing)
             return
+        if not ft_t.dtype.is_floating_point:
+            self._skip(name, "it is not a floating-point tensor")
+            return
+        embedding_lora = self.opt["embed_lora"] and kind in (EMBEDDING, OUTPUT_EMBEDDING)
+        factored_linear = kind == LINEAR or (embedding_lora and kind == OUTPUT_EMBEDDING)
+        if factored_linear and param == "weight" and ft_t.ndim == 2:
+            self.factors[module] = (name, self._factor(name, self._delta(name, base_t, ft_t), ft_t.dtype))
+        elif factored_linear and param == "bias" and ft_t.ndim == 1:
+            self.bias_deltas[module] = self._delta(name, base_t, ft_t).to(self._dtype(ft_t.dtype)).cpu()
+        elif embedding_lora and kind == EMBEDDING and param == "weight" and ft_t.ndim == 2:
+            # PEFT's Embedding LoRA: E' = E + (B A)ᵀ, B [dim, r], A [r, vocab]
+            delta_t = self._delta(name, base_t, ft_t).T
+            self.embedding_factors[module] = (name, self._factor(name, delta_t, ft_t.dtype))
+        elif kind in (EMBEDDING, OUTPUT_EMBEDDING, OTHER) or (kind == LINEAR and ft_t.ndim == 1):
+            if not bool(torch.isfinite(ft_t).all()):
+                raise CheckpointError(f"{name} holds NaN or Inf in {self.ft.source}")
+            self._save_full(name, ft_t)
+        else:
+            self._skip(
+                name, f"PEFT's LoRA does not adapt this layer ({kind} module, shape {tuple(ft_t.shape)})"
+            )
+
+    def _delta(self, name: str, base_t: torch.Tensor, ft_t: torch.Tensor) -> torch.Tensor:
         device = self.opt["device"]
         delta = ft_t.to(device, torch.float32) - base_t.to(device, torch.float32)
         if not bool(torch.isfinite(delta).all()):
             raise CheckpointError(f"{name} holds NaN or Inf in {self.ft.source} or {self.base.source}")
-        changed = bool(delta.any())
-        embedding_lora = self.opt["embed_lora"] and kind in (EMBEDDING, OUTPUT_EMBEDDING)
-        factored_linear = kind == LINEAR or (embedding_lora and kind == OUTPUT_EMBEDDING)
-        if factored_linear and param == "weight" and delta.ndim == 2:
-            if changed:
-                self.factors[module] = (name, self._factor(name, delta, ft_t.dtype))
-        elif factored_linear and param == "bias" and delta.ndim == 1:
-            if changed:
-                self.bias_deltas[module] = delta.to(self._dtype(ft_t.dtype)).cpu()
-        elif embedding_lora and kind == EMBEDDING and param == "weight" and delta.ndim == 2:
-            if changed:  # PEFT's Embedding LoRA: E' = E + (B A)ᵀ, B [dim, r], A [r, vocab]
-                self.embedding_factors[module] = (name, self._factor(name, delta.T, ft_t.dtype))
-        elif kind in (EMBEDDING, OUTPUT_EMBEDDING, OTHER) or (kind == LINEAR and delta.ndim == 1):
-            if changed:
-                self._save_full(name, ft_t)
-        elif changed:
-            self._skip(
-                name, f"PEFT's LoRA does not adapt this layer ({kind} module, shape {tuple(delta.shape)})"
-            )
+        return delta
 
     def _dtype(self, stored: torch.dtype) -> torch.dtype:
         return self.opt["dtype"] or stored
@@ -350,7 +355,8 @@ class _Extractor:
         return LowRankFactors(factors.b.cpu(), factors.a.cpu(), factors.delta_norm, factors.error_norm)
 
     def _save_full(self, name: str, ft_t: torch.Tensor) -> None:
-        self.tensors[PREFIX + name] = ft_t.to(self._dtype(ft_t.dtype)).clone()
+        # A view of the fine-tune's memory map (valid after release and close) unless it is cast: no copy held.
+        self.tensors[PREFIX + name] = ft_t.to(self._dtype(ft_t.dtype))
         self.full_modules.add(split_name(name)[0])
         self.saved_full.append(name)
 
