@@ -180,7 +180,7 @@ def test_unknown_method_suggests_the_closest_name():
         get_method("dare-ties")
     with pytest.raises(UnknownMethodError) as info:
         get_method("qwertyuiop")
-    assert "did you mean" not in str(info.value) and "available: breadcrumbs" in str(info.value)
+    assert "did you mean" not in str(info.value) and "available: " in str(info.value)
 
 
 def test_context_defaults_and_errors():

@@ -254,22 +254,24 @@ def bigger_vocab_expert(ex) -> Path:
     return out
 
 
-def test_a_tokenizer_with_more_tokens_than_embedding_rows_is_refused(ex, bigger_vocab_expert, tmp_path):
+def test_a_tokenizer_source_with_more_tokens_gets_rows_for_them_and_loads(ex, bigger_vocab_expert, tmp_path):
+    """Config, tokenizer and tensors agree: the expert's two extra tokens get rows (its own) in the output."""
+    from transformers import AutoModel, AutoTokenizer
+
     recipe = example_recipe(
         models=[{"model": "expert_big_vocab"}, {"model": "expert_sentiment"}],
         tokenizer_source="expert_big_vocab",
-        vocab_mismatch="truncate",
     )
-    with pytest.raises(ConfigError, match="1002 tokens.*1000 rows"):
-        transfuse.merge(recipe_file(ex, recipe), tmp_path / "out", progress=False)
-    # The same merge with the base's config and tokenizer: config, tokenizer and tensors agree and it loads.
-    del recipe["tokenizer_source"]
     transfuse.merge(recipe_file(ex, recipe), tmp_path / "out", progress=False)
-    from transformers import AutoModel, AutoTokenizer
-
     model = AutoModel.from_pretrained(tmp_path / "out")
-    assert model.embeddings.word_embeddings.weight.shape[0] == model.config.vocab_size == 1000
-    assert len(AutoTokenizer.from_pretrained(tmp_path / "out")) <= 1000
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    rows = model.embeddings.word_embeddings.weight
+    assert rows.shape[0] == model.config.vocab_size == len(tokenizer) == 1002
+    expert = AutoModel.from_pretrained(ex / "expert_big_vocab").embeddings.word_embeddings.weight
+    new_id = tokenizer.convert_tokens_to_ids("zzzz")
+    assert new_id >= 1000 and torch.equal(
+        rows[new_id], expert[new_id]
+    )  # only that expert has it: its row, whole
 
 
 def test_a_config_whose_vocab_disagrees_with_the_merged_rows_is_refused(ex, bigger_vocab_expert, tmp_path):

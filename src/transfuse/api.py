@@ -25,7 +25,7 @@ from transfuse.errors import (
     RecipeError,
 )
 from transfuse.io.state_dict import StateDictCheckpoint
-from transfuse.io.writer import ShardedWriter
+from transfuse.io.writer import ShardedWriter, config_files, is_tokenizer_file
 from transfuse.plan import MergePlan, build_plan
 from transfuse.recipe import Recipe
 
@@ -269,8 +269,16 @@ def merge(
                 writer.add(name, finite_output(plan, name, tensor))
 
             stats = run_plan(plan, add_finite, device=compute_device, threads=threads, progress=progress)
-            if plan.tokenizer_dir is not None and copy_tokenizer:
-                writer.copy_config_from(plan.tokenizer_dir, skip=("config.json",))
+            if plan.tokenizer_dir is not None:
+                # Tokenizer files come from the tokenizer source, or from the plan when transfuse built the
+                # tokenizer (merged vocabulary, chat template); the rest (generation config...) is copied.
+                skip = {"config.json"}
+                if plan.tokenizer_files is not None or not copy_tokenizer:
+                    skip |= {p.name for p in config_files(plan.tokenizer_dir) if is_tokenizer_file(p.name)}
+                writer.copy_config_from(plan.tokenizer_dir, skip=tuple(skip))
+            if plan.tokenizer_files is not None and copy_tokenizer:
+                for name, content in plan.tokenizer_files.items():
+                    writer.add_file(name, content)
             if plan.config is not None:
                 writer.add_file("config.json", _config_with_dtype(plan))
             writer.add_file("recipe.yaml", f"# written by transfuse {__version__}\n{recipe_yaml}")

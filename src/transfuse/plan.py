@@ -7,9 +7,11 @@ and vocabulary-size mismatches, and parameters that resolve to nothing for some 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +33,17 @@ from transfuse.errors import (
 )
 from transfuse.io import Checkpoint, open_checkpoint
 from transfuse.io.checkpoint import read_json
-from transfuse.io.writer import config_files
+from transfuse.io.writer import config_files, is_tokenizer_file
 from transfuse.methods.registry import MethodSpec, ParamValue
 from transfuse.recipe import ModelEntry, Recipe, evaluate_setting
+from transfuse.vocabulary import (
+    AlignedVocabulary,
+    TokenizerSpec,
+    VocabularyAlignedCheckpoint,
+    VocabularyPlan,
+    is_vocab_tensor,
+    plan_vocabulary,
+)
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # Tensors whose first axis is the vocabulary: their row counts may legitimately differ between models.
@@ -99,6 +109,8 @@ class MergePlan:
     # Every checkpoint the plan opened (LoRA bases included).
     owned: list[Checkpoint] = field(default_factory=list)
     config: dict | None = None
+    # The output's tokenizer files when transfuse writes them (merged vocabulary, chat template); else copied.
+    tokenizer_files: dict[str, bytes] | None = None
     # Things the user should hear about before the output is trusted (printed as warnings, not notes).
     warnings: list[str] = field(default_factory=list)
 
@@ -224,9 +236,23 @@ def build_plan(
         models = [open_path(entry.path, entry.lora, base) for entry in task_entries]
         labels = [e.label for e in task_entries]
         base_label = recipe.base_model or labels[0]
-        plan = _plan_tensors(recipe, spec, base, base_label, models, labels, out_dtype)
+        vocabulary = None
+        tokenizer_spec = recipe.tokenizer_spec
+        if tokenizer_spec is not None and _needs_alignment(tokenizer_spec, base, models):
+            vocabulary, base, models = _align_vocabularies(tokenizer_spec, base, base_label, models, labels)
+        plan = _plan_tensors(
+            recipe,
+            spec,
+            base,
+            base_label,
+            models,
+            labels,
+            out_dtype,
+            vocab_size=vocabulary.rows if vocabulary else None,
+        )
         plan.owned = opened
         plan.warnings += _adapter_base_mismatches(models, labels, strict_lora_base)
+        plan.tokenizer_files = _tokenizer_files(recipe, vocabulary, plan.tokenizer_dir, [base, *models])
     except BaseException:
         for ckpt in opened:
             ckpt.close()
@@ -266,6 +292,8 @@ def _plan_tensors(
     models: list[Checkpoint],
     labels: list[str],
     out_dtype: str | None,
+    *,
+    vocab_size: int | None = None,
 ) -> MergePlan:
     base_names = base.names()
     base_set = set(base_names)
@@ -334,8 +362,8 @@ def _plan_tensors(
                 input_bytes=nbytes if is_float else math.prod(info.shape) * info.dtype.itemsize,
             )
         )
-    config_path, config = _output_config(recipe, base, base_label, jobs, notes)
-    tokenizer_dir = _tokenizer_dir(recipe, base, jobs)
+    config_path, config = _output_config(recipe, base, base_label, jobs, notes, vocab_size=vocab_size)
+    tokenizer_dir = base.config_dir if vocab_size is not None else _tokenizer_dir(recipe, base, jobs)
     for label, extra in ignored.items():
         notes.append(f"{label}: {len(extra)} tensor(s) absent from the base are not merged, e.g. {extra[:3]}")
     return MergePlan(
@@ -371,7 +399,13 @@ def _vocab_rows(jobs: list[TensorJob]) -> dict[str, int]:
 
 
 def _output_config(
-    recipe: Recipe, base: Checkpoint, base_label: str, jobs: list[TensorJob], notes: list[str]
+    recipe: Recipe,
+    base: Checkpoint,
+    base_label: str,
+    jobs: list[TensorJob],
+    notes: list[str],
+    *,
+    vocab_size: int | None = None,
 ) -> tuple[Path | None, dict | None]:
     """The config.json the output gets, read and checked against the merged tensors before any work.
 
@@ -404,6 +438,8 @@ def _output_config(
         raise ConfigError(
             f"{exc}; the merged model would not load with it: fix or replace that file"
         ) from None
+    if vocab_size is not None:  # the merged vocabulary's rows (tokenizer merging)
+        config["vocab_size"] = vocab_size
     _check_config_loads(config, path)
     vocab = config.get("vocab_size")
     if vocab is not None:
@@ -437,55 +473,108 @@ def _check_config_loads(config: dict, path: Path) -> None:
 
 
 def _tokenizer_dir(recipe: Recipe, base: Checkpoint, jobs: list[TensorJob]) -> Path | None:
-    """The dir whose tokenizer files are copied; a tokenizer with more tokens than the merged embeddings have
-    rows is refused (token ids past the last row would crash or read garbage)."""
-    if recipe.tokenizer_source in (None, "base"):
-        return base.config_dir
-    source = Path(recipe.tokenizer_source).expanduser()
-    directory = source if source.is_dir() else source.parent
-    if not any(p.name != "config.json" for p in config_files(directory)):
-        raise ConfigError(
-            f"tokenizer_source {recipe.tokenizer_source} holds no tokenizer files; name a model dir or `base`"
-        )
-    tokens = count_tokens(directory)
-    rows = _vocab_rows(jobs)
-    if tokens is not None and rows and tokens > min(rows.values()):
-        name = min(rows, key=rows.get)
-        raise ConfigError(
-            f"tokenizer_source {recipe.tokenizer_source} has {tokens} tokens but the merged {name} has only "
-            f"{rows[name]} rows: token ids past the last row would fail. Merging tokenizers (aligning embeddings "
-            "by token) is not supported yet; use `tokenizer_source: base`"
-        )
-    return directory
+    """The dir whose tokenizer files are copied when transfuse does not build the tokenizer itself (the base's;
+    a tokenizer_source other than the base always builds one, with rows aligned by token)."""
+    return base.config_dir
 
 
-def count_tokens(directory: Path) -> int | None:
-    """Vocabulary size of the tokenizer files in ``directory`` (highest token id + 1), read from tokenizer.json
-    or vocab.txt / vocab.json (+ added_tokens.json); ``None`` when it cannot tell without loading the
-    tokenizer (e.g. sentencepiece models)."""
-    highest = -1
-    tokenizer_json = directory / "tokenizer.json"
-    if tokenizer_json.is_file():
-        data = read_json(tokenizer_json, "tokenizer")
-        vocab = (data.get("model") or {}).get("vocab")
-        if isinstance(vocab, dict):
-            highest = max(vocab.values(), default=-1)
-        elif isinstance(vocab, list):  # unigram: a list of [piece, score]
-            highest = len(vocab) - 1
-        else:
-            return None
-        for added in data.get("added_tokens") or []:
-            highest = max(highest, int(added.get("id", -1)))
-        return highest + 1
-    if (directory / "vocab.txt").is_file():
-        highest = sum(1 for _ in open(directory / "vocab.txt", encoding="utf-8")) - 1
-    elif (directory / "vocab.json").is_file():
-        highest = max(read_json(directory / "vocab.json", "vocabulary").values(), default=-1)
-    else:
+def _needs_alignment(spec: TokenizerSpec, base: Checkpoint, models: list[Checkpoint]) -> bool:
+    """Union, a model's tokenizer, token settings or padding always align rows by token; ``base`` does when the
+    inputs' vocabulary tensors differ in rows (fine-tunes that kept the base's vocabulary need no permutation)."""
+    if spec.source != "base" or spec.tokens or spec.pad_to_multiple_of:
+        return True
+    for name in base.names():
+        shape = base.info(name).shape
+        if is_vocab_tensor(name, shape) and any(
+            name in set(m.names()) and m.info(name).shape[0] != shape[0] for m in models
+        ):
+            return True
+    return False
+
+
+def _align_vocabularies(
+    spec: TokenizerSpec, base: Checkpoint, base_label: str, models: list[Checkpoint], labels: list[str]
+) -> tuple[VocabularyPlan, Checkpoint, list[Checkpoint]]:
+    """Plan the output vocabulary and wrap every input so its vocabulary tensors come laid out in it."""
+    checkpoints = {"base": base, **{f"model{i}": m for i, m in enumerate(models)}}
+    names = {"base": base_label, **{f"model{i}": label for i, label in enumerate(labels)}}
+
+    def tokenizer_dir(ckpt: Checkpoint) -> Path | None:
+        d = ckpt.config_dir
+        return d if d is not None and any(is_tokenizer_file(p.name) for p in config_files(d)) else None
+
+    base_dir = tokenizer_dir(base)
+    if base_dir is None:
+        raise ConfigError(
+            f"the base {base_label} has no tokenizer files: merging tokenizers ({spec.source}) maps every input's "
+            "rows to tokens, starting from the base's tokenizer"
+        )
+    dirs = {}
+    for key, ckpt in checkpoints.items():
+        found = tokenizer_dir(ckpt)
+        if found is None:
+            # As MergeKit: an input without tokenizer files uses the base's (its rows must then match).
+            rows = {ckpt.info(n).shape[0] for n in ckpt.names() if is_vocab_tensor(n, ckpt.info(n).shape)}
+            base_rows = {
+                base.info(n).shape[0] for n in base.names() if is_vocab_tensor(n, base.info(n).shape)
+            }
+            if rows != base_rows:
+                raise ConfigError(
+                    f"{names[key]} has no tokenizer files and {sorted(rows)} vocabulary rows against the base's "
+                    f"{sorted(base_rows)}: add its tokenizer so its rows can be matched to tokens"
+                )
+            found = base_dir
+        dirs[key] = found
+    vocabulary = plan_vocabulary(spec, dirs, "base", names)
+    aligned = AlignedVocabulary(vocabulary, checkpoints)
+    wrapped = {k: VocabularyAlignedCheckpoint(c, k, aligned) for k, c in checkpoints.items()}
+    return vocabulary, wrapped["base"], [wrapped[f"model{i}"] for i in range(len(models))]
+
+
+def _tokenizer_files(
+    recipe: Recipe, vocabulary: VocabularyPlan | None, tokenizer_dir: Path | None, inputs: list[Checkpoint]
+) -> dict[str, bytes] | None:
+    """The output's tokenizer files when transfuse writes them (a merged vocabulary or a chat template), else
+    ``None`` (the tokenizer files are copied from ``tokenizer_dir``)."""
+    if vocabulary is None and recipe.chat_template is None:
         return None
-    if (directory / "added_tokens.json").is_file():
-        highest = max([highest, *read_json(directory / "added_tokens.json", "added tokens").values()])
-    return highest + 1
+    tokenizer = vocabulary.tokenizer if vocabulary is not None else None
+    if tokenizer is None:
+        if tokenizer_dir is None:
+            raise ConfigError("chat_template needs a tokenizer to attach it to, and the output has none")
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        except Exception as exc:
+            raise ConfigError(
+                f"cannot load the tokenizer in {tokenizer_dir} to set its chat template: {exc}"
+            ) from None
+    if recipe.chat_template is not None:
+        from transfuse.chat_templates import resolve_chat_template
+
+        templates = [_chat_template_of(c.config_dir) for c in inputs]
+        template = resolve_chat_template(recipe.chat_template, templates)
+        if template is not None:
+            tokenizer.chat_template = template
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def _chat_template_of(directory: Path | None) -> str | None:
+    if directory is None:
+        return None
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    try:
+        template = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get(
+            "chat_template"
+        )
+    except (OSError, ValueError, AttributeError):
+        return None
+    return template if isinstance(template, str) else None
 
 
 def _reconcile_rows(name, base_shape, infos, labels, base_label, mode) -> tuple[int, ...]:

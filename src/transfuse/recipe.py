@@ -12,7 +12,11 @@ Accepted top-level keys::
     dtype: float32                    # output dtype when out_dtype is unset (MergeKit's compute dtype; transfuse
                                       # always reads each input in its stored dtype and computes in float32)
     out_dtype: bfloat16               # dtype of the written tensors (default: dtype, else the base's)
-    tokenizer_source: base            # copy the tokenizer files from `base` or a model path
+    tokenizer_source: base            # the output tokenizer: base | union | a model path; with union or a model
+                                      # (or differing vocabularies) embeddings and LM head are aligned by token
+    tokenizer: {source: union, tokens: {"<tok>": {source: path, force: false}}, pad_to_multiple_of: 64}
+                                      # MergeKit's tokenizer block (instead of tokenizer_source)
+    chat_template: chatml             # a named template (transfuse.chat_templates), "auto", or a Jinja string
     config_source: path/to/expert_a   # transfuse: take config.json from this model (default: the base's)
     seed: 0                           # transfuse: seed of the random methods (DARE, DELLA)
     vocab_mismatch: error             # transfuse: error | truncate | pad (embedding / LM-head rows)
@@ -35,6 +39,7 @@ import yaml
 from transfuse.dtypes import DTYPE_NAMES
 from transfuse.errors import DuplicateInputError, ParameterError, RecipeError
 from transfuse.methods.registry import MethodSpec, ParamValue, get_method
+from transfuse.vocabulary import TokenizerSpec, parse_tokenizer_block
 
 TOP_LEVEL_KEYS = {
     "merge_method",
@@ -45,6 +50,8 @@ TOP_LEVEL_KEYS = {
     "dtype",
     "out_dtype",
     "tokenizer_source",
+    "tokenizer",
+    "chat_template",
     "config_source",
     "seed",
     "vocab_mismatch",
@@ -53,8 +60,6 @@ TOP_LEVEL_KEYS = {
 # MergeKit keys transfuse does not implement: named so the error says so instead of "unknown key".
 UNSUPPORTED_MERGEKIT_KEYS = {
     "modules": "per-module definitions",
-    "tokenizer": "tokenizer merging",
-    "chat_template": "chat template selection",
 }
 VOCAB_MODES = ("error", "truncate", "pad")
 
@@ -126,6 +131,8 @@ class Recipe:
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
     config_source: str | None = None
     seed: int = 0
     vocab_mismatch: str = "error"
@@ -220,12 +227,24 @@ class Recipe:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RecipeError(f"`seed` must be an integer, got {seed!r}")
         tokenizer_source = data.get("tokenizer_source")
-        if tokenizer_source is not None and tokenizer_source != "base":
-            if not isinstance(tokenizer_source, str) or tokenizer_source in ("union",):
+        if tokenizer_source is not None and tokenizer_source not in ("base", "union"):
+            if not isinstance(tokenizer_source, str):
                 raise RecipeError(
-                    "`tokenizer_source` must be `base` or a model path (tokenizer merging is unsupported)"
+                    f"`tokenizer_source` must be `base`, `union` or a model path, got {tokenizer_source!r}"
                 )
             tokenizer_source = resolve(tokenizer_source, "tokenizer_source")
+        tokenizer = None
+        if data.get("tokenizer") is not None:
+            if tokenizer_source is not None:
+                raise RecipeError(
+                    "give `tokenizer_source` or a `tokenizer:` block, not both (as in MergeKit)"
+                )
+            tokenizer = parse_tokenizer_block(data["tokenizer"], resolve)
+        chat_template = data.get("chat_template")
+        if chat_template is not None and (not isinstance(chat_template, str) or not chat_template.strip()):
+            raise RecipeError(
+                f"`chat_template` must be a template name, `auto` or a Jinja string, got {chat_template!r}"
+            )
         config_source = data.get("config_source")
         if config_source is not None:
             config_source = resolve(config_source, "config_source")
@@ -238,6 +257,8 @@ class Recipe:
             dtype=dtype_of("dtype"),
             out_dtype=dtype_of("out_dtype"),
             tokenizer_source=tokenizer_source,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
             config_source=config_source,
             seed=seed,
             vocab_mismatch=vocab,
@@ -308,6 +329,15 @@ class Recipe:
         return [s for s in output.sources if s is not base]
 
     @property
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The tokenizer choice as one object: the ``tokenizer:`` block, else ``tokenizer_source``."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self.tokenizer_source is not None:
+            return TokenizerSpec(source=self.tokenizer_source)
+        return None
+
+    @property
     def task_models(self) -> list[ModelEntry]:
         """The models that contribute task vectors: every listed model except the base itself."""
         if self.base_model is None or not self.spec.needs_base:
@@ -351,10 +381,14 @@ class Recipe:
             ]
         if self.parameters:
             out["parameters"] = self.parameters
-        for key in ("dtype", "out_dtype", "tokenizer_source", "config_source", "name"):
+        for key in ("dtype", "out_dtype", "tokenizer_source", "config_source", "chat_template", "name"):
             value = getattr(self, key)
             if value is not None:
-                out[key] = where(value) if key.endswith("_source") and value != "base" else value
+                out[key] = (
+                    where(value) if key.endswith("_source") and value not in ("base", "union") else value
+                )
+        if self.tokenizer is not None:
+            out["tokenizer"] = _tokenizer_to_dict(self.tokenizer, where)
         out["seed"] = self.seed
         if self.vocab_mismatch != "error":
             out["vocab_mismatch"] = self.vocab_mismatch
@@ -362,6 +396,30 @@ class Recipe:
 
     def to_yaml(self, *, absolute_paths: bool = False) -> str:
         return yaml.safe_dump(self.to_dict(absolute_paths=absolute_paths), sort_keys=False)
+
+
+def _tokenizer_to_dict(spec: TokenizerSpec, where: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"source": spec.source if spec.source in ("base", "union") else where(spec.source)}
+    if spec.tokens:
+        tokens: dict[str, Any] = {}
+        for token, setting in spec.tokens.items():
+            entry: dict[str, Any] = {}
+            src = setting.source
+            if src is not None:
+                if src.kind == "model":
+                    entry["source"] = where(src.model)
+                elif src.kind == "zero":
+                    entry["source"] = {"kind": "zero"}
+                else:
+                    which = {"token": src.token} if src.token is not None else {"token_id": src.token_id}
+                    entry["source"] = {"kind": "model_token", "model": where(src.model), **which}
+            if setting.force:
+                entry["force"] = True
+            tokens[token] = entry
+        out["tokens"] = tokens
+    if spec.pad_to_multiple_of is not None:
+        out["pad_to_multiple_of"] = spec.pad_to_multiple_of
+    return out
 
 
 def _parse_input(

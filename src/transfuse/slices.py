@@ -37,6 +37,7 @@ from transfuse.plan import (
     _output_config,
     _reconcile_rows,
     _tokenizer_dir,
+    _tokenizer_files,
     count_layers,
     output_dtypes,
     resolve_params,
@@ -83,6 +84,12 @@ def build_slice_plan(
 ) -> MergePlan:
     """Open every slice source once, validate the ranges and tensors, and plan each output tensor."""
     assert recipe.slices is not None
+    spec = recipe.tokenizer_spec
+    if spec is not None and (spec.source != "base" or spec.tokens or spec.pad_to_multiple_of):
+        raise RecipeError(
+            "merging tokenizers (union, a model's tokenizer, token settings) is not supported with `slices:` yet; "
+            "use `tokenizer_source: base` (the output keeps the base's vocabulary)"
+        )
     given = dict(checkpoints or {})
     owned: list[Checkpoint] = []
     opened: dict[tuple[str, str | None], _Opened] = {}
@@ -240,6 +247,7 @@ def _plan(recipe: Recipe, open_source, out_dtype: str | None) -> MergePlan:
     if config is not None:
         config = _relayered_config(config, out_layer, origins, config_path)
     tokenizer_dir = _tokenizer_dir(recipe, config_ckpt, jobs)
+    tokenizer_files = _tokenizer_files(recipe, None, tokenizer_dir, [config_ckpt])
     models = []
     labels = []
     for output in slices:
@@ -265,6 +273,7 @@ def _plan(recipe: Recipe, open_source, out_dtype: str | None) -> MergePlan:
         tokenizer_dir=tokenizer_dir,
         config=config,
         notes=notes,
+        tokenizer_files=tokenizer_files,
     )
 
 

@@ -77,6 +77,29 @@ CONFIG_GLOBS = ("tokenizer*.json", "tokenizer*.model", "*.tiktoken", "*.jinja")
 CONFIG_DIRS = ("additional_chat_templates",)
 
 
+_TOKENIZER_FILES = (
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """A tokenizer or chat-template file (as opposed to config.json, generation_config.json, processors...)."""
+    return (
+        name.startswith("tokenizer")
+        or name in _TOKENIZER_FILES
+        or name.endswith((".tiktoken", ".jinja"))
+        or (name == "additional_chat_templates")
+    )
+
+
 def config_files(directory: str | Path) -> list[Path]:
     """The config / tokenizer files and dirs of ``directory`` worth copying into a merged model, sorted."""
     d = Path(directory)
