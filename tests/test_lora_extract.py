@@ -302,3 +302,27 @@ def test_cuda_gives_the_cpu_adapter(llama_pair, tmp_path):
     gpu = extract_lora(ft, base, tmp_path / "gpu", rank=2, svd="randomized", device="cuda")
     for a, b in zip(cpu.matrices, gpu.matrices, strict=True):
         assert a.name == b.name and a.relative_error == pytest.approx(b.relative_error, rel=1e-4, abs=1e-6)
+
+
+def test_layers_peft_cannot_adapt_are_skipped_with_a_note(tmp_path):
+    """GPT-2's Conv1D layers are skipped (named in the notes and extraction.json); the embedding is factored."""
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    base = save(model, model.state_dict(), tmp_path / "base")
+    gen = torch.Generator().manual_seed(0)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["transformer.wte.weight"] += low_rank((64, 32), 2, gen)
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]  # tied: loading the old copy would undo the change
+    sd["transformer.h.0.attn.c_attn.weight"] += low_rank((32, 96), 2, gen)
+    ft = save(model, sd, tmp_path / "ft")
+    result = extract_lora(ft, base, tmp_path / "adapter", rank=2, embed_lora=True)
+    assert result.skipped == ["transformer.h.0.attn.c_attn.weight"]
+    assert any("c_attn" in note and "does not adapt" in note for note in result.notes)
+    assert [m.name for m in result.matrices] == ["transformer.wte.weight"]
+    report = json.loads((tmp_path / "adapter" / "extraction.json").read_text())
+    assert report["skipped"] == result.skipped
+    merged = peft_merged(base, tmp_path / "adapter", transformers.GPT2LMHeadModel)
+    torch.testing.assert_close(
+        merged["transformer.wte.weight"], sd["transformer.wte.weight"], atol=2e-6, rtol=1e-5
+    )
