@@ -698,5 +698,86 @@ def lora_extract(
     )
 
 
+# ---------------------------------------------------------------------------------------------- transfuse moe
+
+
+@app.command()
+def moe(
+    recipe: Annotated[
+        Path,
+        typer.Argument(help="MoE recipe (MergeKit's mergekit-moe YAML: base_model, gate_mode, experts)."),
+    ],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Output model dir (a MixtralForCausalLM: shards, config, tokenizer).")
+    ],
+    layout: Annotated[
+        str,
+        typer.Option(
+            help="per_expert: block_sparse_moe.experts.N.w1/w2/w3 (what transformers saves); fused: "
+            "mlp.experts.gate_up_proj/down_proj (transformers 5's in-memory layout, as MergeKit 0.1.5 writes)."
+        ),
+    ] = "per_expert",
+    gate_dtype: Annotated[
+        str, typer.Option(help="Dtype the base runs in for the hidden* gate modes (float32, bfloat16, ...).")
+    ] = "float32",
+    seed: Annotated[
+        int | None, typer.Option(help="Seed of random gates and expert noise_scale; overrides the recipe's.")
+    ] = None,
+    shard_size: Annotated[str, typer.Option(help="Largest output shard, e.g. 5GB, 500MB.")] = "5GB",
+    copy_tokenizer: Annotated[
+        bool, typer.Option(help="Copy the base's tokenizer files into OUT_DIR.")
+    ] = True,
+    allow_all_same: Annotated[
+        bool,
+        typer.Option(
+            "--i-understand-this-is-not-useful-without-training",
+            help="Build even when every expert is the same model (MergeKit's flag).",
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT_DIR if it exists (once the new one is complete).")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Build a Mixtral-style mixture of experts from dense Llama / Mistral fine-tunes of one base: the base's
+    attention, norms and embeddings, each expert's MLP as one expert slot, routers from the recipe's gate_mode
+    (hidden, hidden_last, hidden_avg, cheap_embed, random, uniform_random; see docs/moe.md)."""
+    from transfuse.moe import build_moe
+    from transfuse.signals import Terminated, exit_on_termination_signals
+
+    try:
+        with exit_on_termination_signals():
+            result = build_moe(
+                recipe,
+                out_dir,
+                layout=layout,
+                gate_dtype=gate_dtype,
+                seed=seed,
+                shard_size=shard_size,
+                overwrite=overwrite,
+                allow_all_same=allow_all_same,
+                copy_tokenizer=copy_tokenizer,
+                progress=progress,
+                log=lambda msg: console.print(escape(msg)),
+            )
+    except TransfuseError as exc:
+        _fail(exc)
+        return
+    except (KeyboardInterrupt, Terminated) as exc:
+        name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
+        err_console.print(
+            f"[bold red]stopped[/] by {name}: nothing was written to {out_dir}; inputs untouched"
+        )
+        raise typer.Exit(code=128 + (exc.signum if isinstance(exc, Terminated) else 2)) from None
+    for note in result.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    console.print(
+        f"[green]wrote[/] {result.out_dir}: MixtralForCausalLM, {result.num_layers} layers x {result.num_experts} "
+        f"experts ({result.experts_per_token} per token), gate_mode {result.gate_mode}, {result.layout} layout, "
+        f"{result.out_dtype}, {result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s "
+        f"(gates {result.gate_seconds:.1f} s)"
+    )
+
+
 if __name__ == "__main__":
     app()
