@@ -9,7 +9,7 @@ What it does:
 1. Builds (or reuses) merge_speed.py's random Llama-shaped bf16 base and fine-tunes 1..E (imported, not copied:
    a fine-tune is base + 0.002·randn on every tensor), under ``--workdir``, plus a character-level tokenizer in
    each model dir (the prompt gate modes need one).  ``--params 100M`` (the default) is vocab 32000, hidden 768,
-   intermediate 2048, 8 layers, 12 heads, untied: 106,375,680 parameters per model; the MoE of 4 is 219.6M.
+   intermediate 2048, 8 layers, 12 heads, untied: 105,788,160 parameters per model; the MoE of 4 is 219.1M.
 2. Writes one ``mergekit-moe`` recipe per gate mode (``dtype: bfloat16``, ``experts_per_token: 2``, three short
    prompts per expert), the same file for both tools.
 3. Runs each tool as a fresh subprocess through merge_speed.py's launcher (wall time from fork to reap, start-up
