@@ -242,7 +242,7 @@ def method_context(
     statistics: Statistics | None = None,
 ) -> MethodContext:
     """The ``MethodContext`` of one job: its generator (random methods), its statistics (``spec.needs``, moved
-    to ``device``) and where its chunk loops run."""
+    to ``device``), where its chunk loops run and whether its ``base`` is a base model (``job.has_base``)."""
     spec = plan.spec
     generator = None
     if spec.random:
@@ -259,7 +259,14 @@ def method_context(
             )
         assert found is not None
         given = {key: found[key].to(device) for key in spec.needs}
-    return MethodContext(name=job.name, device=device, generator=generator, statistics=given, chunks=chunks)
+    return MethodContext(
+        name=job.name,
+        device=device,
+        generator=generator,
+        statistics=given,
+        chunks=chunks,
+        has_base=job.has_base,
+    )
 
 
 def compute(

@@ -69,7 +69,8 @@ class TensorJob:
 
     ``base_source`` / ``model_sources`` say where the inputs are read when they are not the plan's base and
     models at ``name`` (layer slices: another layer index, other models per slice); K is then
-    ``len(model_sources)``.
+    ``len(model_sources)``.  ``has_base``: the base input is a base model (the recipe's ``base_model``, or the
+    slice's base), not the first model standing in as the reference of a base-less recipe.
     """
 
     name: str
@@ -84,6 +85,7 @@ class TensorJob:
     input_bytes: int = 0
     base_source: TensorSource | None = None
     model_sources: tuple[TensorSource, ...] | None = None
+    has_base: bool = True
 
     @property
     def numel(self) -> int:
@@ -360,6 +362,7 @@ def _plan_tensors(
                 model_params=model_params,
                 model_rows=model_rows,
                 input_bytes=nbytes if is_float else math.prod(info.shape) * info.dtype.itemsize,
+                has_base=recipe.base_model is not None,
             )
         )
     config_path, config = _output_config(recipe, base, base_label, jobs, notes, vocab_size=vocab_size)

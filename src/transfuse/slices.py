@@ -216,6 +216,7 @@ def _plan(recipe: Recipe, open_source, out_dtype: str | None) -> MergePlan:
                 input_bytes=nbytes,
                 base_source=base_in,
                 model_sources=model_ins if is_float else (),
+                has_base=base_src is not None,
             )
         )
 

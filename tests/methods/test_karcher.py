@@ -9,6 +9,7 @@ import torch
 from transfuse import merge_state_dicts
 from transfuse.errors import ParameterError
 from transfuse.methods import get_method
+from transfuse.methods.context import MethodContext
 
 
 def _expected(points, iters=200):
@@ -36,7 +37,8 @@ def _run(models, **params):
     params = {"max_iter": 10, "tol": 1e-5} | params
     ref = models[0]
     deltas = torch.stack([m - ref for m in models])  # no base: the first model is the reference
-    return get_method("karcher").fn(ref.clone(), deltas, torch.ones(len(models)), **params)
+    ctx = MethodContext(has_base=False)
+    return get_method("karcher").fn(ref.clone(), deltas, torch.ones(len(models)), **params, ctx=ctx)
 
 
 @pytest.mark.parametrize("k", [2, 3, 4])
@@ -72,13 +74,23 @@ def test_zero_models():
     torch.testing.assert_close(_run([m, z]), 0.5 * m)
 
 
-def test_weights_are_ignored_and_base_is_only_the_reference():
+def test_weights_are_ignored_and_a_base_is_one_more_point():
     g = torch.Generator().manual_seed(4)
     base, a, b = (torch.randn(5, 5, generator=g) for _ in range(3))
-    expected = _run([a, b])
+    # With a base_model the base is averaged in as one more equally weighted point (MergeKit 0.1.5).
     out = merge_state_dicts({"w": base}, [{"w": a}, {"w": b}], "karcher", weight=[0.9, 0.1])
-    torch.testing.assert_close(out["w"], expected)
+    torch.testing.assert_close(out["w"], _run([a, b, base]))
+    np.testing.assert_allclose(
+        merge_state_dicts({"w": base}, [{"w": a}, {"w": b}], "karcher", max_iter=50, tol=1e-7)["w"],
+        _expected([a, b, base]),
+        atol=2e-5,
+    )
+    # Without one only the models are.
+    expected = _run([a, b])
     torch.testing.assert_close(merge_state_dicts(None, [{"w": a}, {"w": b}], "karcher")["w"], expected)
+    # The direct call's default context has a base: base + deltas and the base itself.
+    direct = get_method("karcher").fn(base, torch.stack([a, b]) - base, torch.ones(2), max_iter=10, tol=1e-5)
+    torch.testing.assert_close(direct, out["w"])
 
 
 def test_params_and_errors():

@@ -9,6 +9,7 @@ import torch
 from transfuse import merge_state_dicts
 from transfuse.errors import ParameterError, RecipeError
 from transfuse.methods import get_method
+from transfuse.methods.context import MethodContext
 
 
 def _expected(base, deltas, w, normalize=True, eps=1e-8):
@@ -29,6 +30,37 @@ def _expected(base, deltas, w, normalize=True, eps=1e-8):
 def _run(base, deltas, w, **params):
     params = {"normalize_weights": True, "eps": 1e-8} | params
     return get_method("multislerp").fn(base.clone(), deltas.clone(), torch.tensor(w), **params)
+
+
+@pytest.mark.parametrize("w", [(0.5, 0.5), (0.2, 0.3, 0.5), (1.0, 2.0, 3.0, 4.0)])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_without_a_base_interpolates_the_models_around_the_origin(w, normalize):
+    g = torch.Generator().manual_seed(10 + len(w))
+    models = torch.randn(len(w), 6, 5, generator=g) + 0.3
+    # The models as points around the origin: the same formula with base 0 and the models as task vectors.
+    expected = _expected(torch.zeros(6, 5), models, w, normalize)
+    ref = models[0]  # the engine passes model 1 as the base (delta_1 = 0) and says there is none
+    ctx = MethodContext(has_base=False)
+    out = _run(ref, models - ref, w, normalize_weights=normalize, ctx=ctx)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out, _expected(ref, models - ref, w, normalize), atol=1e-3)
+    sd = merge_state_dicts(
+        None, [{"w": m} for m in models], "multislerp", weight=list(w), normalize_weights=normalize
+    )
+    np.testing.assert_allclose(sd["w"], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_base_degenerate_cases():
+    ctx = MethodContext(has_base=False)
+    m = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    # One model: itself; identical models: that model.
+    torch.testing.assert_close(_run(m, torch.zeros(1, 2, 2), (0.7,), ctx=ctx), m)
+    torch.testing.assert_close(_run(m, torch.zeros(3, 2, 2), (0.2, 0.3, 0.5), ctx=ctx), m, atol=1e-5, rtol=0)
+    # Opposite models with equal weights: their linear average (zero), as MergeKit.
+    torch.testing.assert_close(_run(m, torch.stack([0 * m, -2 * m]), (0.5, 0.5), ctx=ctx), torch.zeros(2, 2))
+    # Every model zero: zero.
+    z = torch.zeros(2, 2)
+    torch.testing.assert_close(_run(z, torch.zeros(3, 2, 2), (0.2, 0.3, 0.5), ctx=ctx), z)
 
 
 @pytest.mark.parametrize("w", [(0.5, 0.5), (0.2, 0.3, 0.5), (1.0, 2.0, 3.0, 4.0)])
@@ -64,7 +96,7 @@ def test_one_model_identical_models_and_cancelling_pair():
 
 def test_params_and_errors():
     spec = get_method("multislerp")
-    assert spec.defaults() == {"weight": 1.0, "normalize_weights": True, "eps": 1e-8} and spec.needs_base
+    assert spec.defaults() == {"weight": 1.0, "normalize_weights": True, "eps": 1e-8} and not spec.needs_base
     sd, models = {"w": torch.zeros(3)}, [{"w": torch.ones(3)}, {"w": torch.arange(3.0)}]
     with pytest.raises(ParameterError, match="sum"):
         merge_state_dicts(sd, models, "multislerp", weight=[0.5, -0.5])
@@ -73,5 +105,7 @@ def test_params_and_errors():
         merge_state_dicts(sd, models, "multislerp", eps=0.0)
     with pytest.raises(ParameterError, match="eps"):
         merge_state_dicts(sd, models, "multislerp", eps=-1.0)
-    with pytest.raises(RecipeError, match="base_model"):
-        merge_state_dicts(None, models, "multislerp")
+    with pytest.raises(ParameterError, match="sum"):
+        merge_state_dicts(None, models, "multislerp", weight=[0.5, -0.5])
+    with pytest.raises(RecipeError, match="at least one model"):
+        merge_state_dicts(None, [], "multislerp")

@@ -11,6 +11,7 @@ import torch
 from transfuse import merge_state_dicts
 from transfuse.errors import ParameterError, RecipeError
 from transfuse.methods import get_method
+from transfuse.methods.context import MethodContext
 
 
 def _slerp(t, a, b):
@@ -41,6 +42,51 @@ def _expected(base, deltas, w, row_wise, flatten):
 def _run(base, deltas, w, **params):
     params = {"nuslerp_row_wise": False, "nuslerp_flatten": True} | params
     return get_method("nuslerp").fn(base.clone(), deltas.clone(), torch.tensor(w), **params)
+
+
+def _expected_no_base(models, w, row_wise, flatten):
+    """Without a base: SLERP of the models themselves (MergeKit 0.1.5), i.e. the formula with base 0 and the
+    models as the task vectors."""
+    zero = np.zeros(models[0].shape)
+    return _expected(torch.from_numpy(zero), models, w, row_wise, flatten)
+
+
+@pytest.mark.parametrize("mode", [(False, True), (False, False), (True, False)])
+@pytest.mark.parametrize("w", [(1.0, 1.0), (0.2, 0.7), (2.0, -0.5)])
+@pytest.mark.parametrize("shape", [(6, 4), (9,)])
+def test_without_a_base_slerps_the_models(mode, w, shape):
+    g = torch.Generator().manual_seed(7 + len(shape))
+    models = torch.randn(2, *shape, generator=g) + 0.5
+    ref = models[0]
+    # The engine passes model 1 as the base then (delta_1 = 0) and says so in the context.
+    out = get_method("nuslerp").fn(
+        ref.clone(),
+        models - ref,
+        torch.tensor(w),
+        nuslerp_row_wise=mode[0],
+        nuslerp_flatten=mode[1],
+        ctx=MethodContext(has_base=False),
+    )
+    np.testing.assert_allclose(out, _expected_no_base(models, w, *mode), rtol=1e-5, atol=1e-5)
+    # Not the base-relative form (which would SLERP 0 and model 2 - model 1).
+    assert not np.allclose(out, _expected(ref, models - ref, w, *mode), atol=1e-3)
+    # End to end: a recipe without base_model gives the same.
+    sd = merge_state_dicts(
+        None,
+        [{"w": models[0]}, {"w": models[1]}],
+        "nuslerp",
+        weight=list(w),
+        nuslerp_row_wise=mode[0],
+        nuslerp_flatten=mode[1],
+    )
+    np.testing.assert_allclose(sd["w"], _expected_no_base(models, w, *mode), rtol=1e-5, atol=1e-5)
+
+
+def test_without_a_base_orthogonal_models_half_way():
+    a, b = {"w": torch.tensor([2.0, 0.0])}, {"w": torch.tensor([0.0, 2.0])}
+    torch.testing.assert_close(
+        merge_state_dicts(None, [a, b], "nuslerp")["w"], torch.tensor([2.0, 2.0]) / 2**0.5
+    )
 
 
 @pytest.mark.parametrize("mode", [(False, True), (False, False), (True, False)])
@@ -74,7 +120,7 @@ def test_orthogonal_equal_norms_half_way():
 def test_params_and_errors():
     spec = get_method("nuslerp")
     assert spec.defaults() == {"weight": 1.0, "nuslerp_row_wise": False, "nuslerp_flatten": True}
-    assert (spec.min_models, spec.max_models, spec.needs_base) == (2, 2, True)
+    assert (spec.min_models, spec.max_models, spec.needs_base) == (2, 2, False)
     sd = {"w": torch.zeros(3, 2)}
     models = [{"w": torch.ones(3, 2)}, {"w": -torch.ones(3, 2)}]
     with pytest.raises(ParameterError, match="nuslerp_flatten: false"):
@@ -85,5 +131,7 @@ def test_params_and_errors():
         merge_state_dicts(sd, models[:1], "nuslerp")
     with pytest.raises(RecipeError, match="at most 2"):
         merge_state_dicts(sd, models * 2, "nuslerp")
-    with pytest.raises(RecipeError, match="base_model"):
-        merge_state_dicts(None, models, "nuslerp")
+    with pytest.raises(RecipeError, match="at least 2"):
+        merge_state_dicts(None, models[:1], "nuslerp")
+    with pytest.raises(RecipeError, match="at most 2"):
+        merge_state_dicts(None, models * 2, "nuslerp")

@@ -40,9 +40,14 @@ class MethodContext:
       ``device``; empty for data-free methods.
     - ``chunks``: where the method's chunk loops run (see ``transfuse.chunks``); get a ``Workspace`` through
       ``workspace``.
+    - ``has_base``: whether ``base`` is a base model the task vectors are taken against (the recipe's
+      ``base_model``, or the slice's base), rather than the first model standing in as the reference of a
+      base-less recipe (then ``deltas[0]`` is zero and the models are ``base + deltas``).  Methods that compute
+      differently without a base (MergeKit's ``nuslerp``, ``multislerp``, ``karcher``) read it; it comes from
+      the plan (``TensorJob.has_base``), never from the values.
 
-    The default context (``MethodContext()``) is a serial CPU run with no generator and no statistics: what a
-    direct call of a deterministic method needs.
+    The default context (``MethodContext()``) is a serial CPU run with no generator and no statistics, with a
+    base: what a direct call of a deterministic method needs.
     """
 
     name: str = ""
@@ -50,6 +55,7 @@ class MethodContext:
     generator: torch.Generator | None = None
     statistics: Mapping[str, Tensor] = field(default_factory=lambda: _NO_STATISTICS)
     chunks: ChunkExecutor = SERIAL
+    has_base: bool = True
 
     def workspace(self, like: Tensor) -> Workspace:
         """A chunk workspace over all entries of ``like`` (on its device), running where ``chunks`` says."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import ParamSpec, register
 
 MAX_ITER = ParamSpec(
@@ -75,18 +76,28 @@ def karcher_mean(points: list[Tensor], max_iter: int, tol: float) -> Tensor:
     needs_base=False,
     mergekit_name="karcher",
 )
-def karcher(base: Tensor, deltas: Tensor, weights: Tensor, *, max_iter: int, tol: float) -> Tensor:
-    """Karcher mean of the models on the unit sphere, scaled by their mean norm.
+def karcher(
+    base: Tensor,
+    deltas: Tensor,
+    weights: Tensor,
+    *,
+    max_iter: int,
+    tol: float,
+    ctx: MethodContext = MethodContext(),
+) -> Tensor:
+    """Karcher mean of the models (and the base, if any) on the unit sphere, scaled by their mean norm.
 
-    The models are ``theta_i = base + delta_i`` (without a base the engine takes the first model as the
-    reference, so ``theta_1 = base``); the result is ``karcher_mean([theta_1..theta_K])``: the direction ``mu``
-    minimizing ``sum_i d(mu, theta_i/|theta_i|)^2`` (geodesic distance on the sphere, found by at most
-    ``max_iter`` Riemannian gradient steps), times ``mean_i |theta_i|``.  ``weights`` are ignored (equal
-    weights), as in MergeKit.  A ``base_model`` is only the reference the deltas are taken against and is not
-    one of the averaged points (MergeKit 0.1.5 adds it as one more point; list it under ``models`` for that).
+    The models are ``theta_i = base + delta_i``; the points are ``[theta_1..theta_K, theta_0]`` with a base
+    (``ctx.has_base``: MergeKit 0.1.5 averages a ``base_model`` in as one more, equally weighted point, last;
+    the order only moves rounding) and ``[theta_1..theta_K]`` without (the engine then passes model 1 as ``base``, so ``theta_1 = base``).  The
+    result is ``karcher_mean(points)``: the direction ``mu`` minimizing ``sum_i d(mu, x_i/|x_i|)^2`` (geodesic
+    distance on the sphere, found by at most ``max_iter`` Riemannian gradient steps), times ``mean_i |x_i|``.
+    ``weights`` are ignored (equal weights), as in MergeKit.
 
     Karcher, Comm. Pure Appl. Math. 30 (1977); arXiv:2603.04972.  MergeKit: ``karcher``.
     """
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     points = [(base + d).to(compute) for d in deltas]
+    if ctx.has_base:
+        points.append(base.to(compute))
     return karcher_mean(points, max_iter, tol).reshape(base.shape)

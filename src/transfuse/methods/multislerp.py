@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from transfuse.errors import ParameterError
+from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import ParamSpec, register
 
 NORMALIZE_WEIGHTS = ParamSpec("normalize_weights", bool, True, "divide the weights by their sum")
@@ -33,30 +34,41 @@ def _weights_sum(global_params: dict, per_model: dict) -> str | None:
     paper="Goddard, 'Multi-SLERP', https://goddard.blog/posts/multislerp-wow-what-a-cool-idea (tangent-space "
     "barycentric interpolation on the sphere, as in Buss & Fillmore, ACM TOG 2001)",
     min_models=1,
+    needs_base=False,
     check=_weights_sum,
     mergekit_name="multislerp",
 )
 def multislerp(
-    base: Tensor, deltas: Tensor, weights: Tensor, *, normalize_weights: bool, eps: float
+    base: Tensor,
+    deltas: Tensor,
+    weights: Tensor,
+    *,
+    normalize_weights: bool,
+    eps: float,
+    ctx: MethodContext = MethodContext(),
 ) -> Tensor:
-    """Multi-SLERP of the task vectors: interpolate their directions in the tangent space at the weighted mean
-    direction, map back to the sphere, scale by the weighted mean norm.
+    """Multi-SLERP of the task vectors (or, without a base, of the models around the origin): interpolate their
+    directions in the tangent space at the weighted mean direction, map back to the sphere, scale by the
+    weighted mean norm.
 
-    w <- w / sum(w) if ``normalize_weights``; u_i = delta_i / (|delta_i| + eps); m = sum_i w_i u_i, mu = m/|m|;
+    The points x_i are the task vectors delta_i with a base (``ctx.has_base``), else the models
+    theta_i = base + delta_i (the engine passes model 1 as ``base`` then).
+    w <- w / sum(w) if ``normalize_weights``; u_i = x_i / (|x_i| + eps); m = sum_i w_i u_i, mu = m/|m|;
     v = sum_i w_i (u_i - <u_i, mu> mu) (tangent vectors at mu); r = |v| + eps;
-    merged = base + (sum_i w_i |delta_i|) (cos(r) mu + sin(r) v / r).
-    One model: that model; every task vector zero (a tensor no model changed): the base.  |m| < eps
-    otherwise (opposite directions whose weights cancel): two models are averaged linearly
-    (base + w_1 delta_1 + w_2 delta_2), more raise ``ParameterError``.  MergeKit 0.1.5's
-    ``multislerp`` with a ``base_model``, whose results this matches; its base-less form needs to know that the
-    recipe has no base, which the method contract does not say yet, so a ``base_model`` is required here.
+    S = (sum_i w_i |x_i|) (cos(r) mu + sin(r) v / r); merged = base + S with a base, S without.
+    One model: that model; every point zero (with a base: a tensor no model changed): the base.  |m| < eps
+    otherwise (opposite directions whose weights cancel): two points are averaged linearly
+    (w_1 x_1 + w_2 x_2, plus the base if any), more raise ``ParameterError``.  MergeKit 0.1.5's
+    ``multislerp``, with and without a ``base_model``, whose results this matches.
 
     MergeKit: ``multislerp``.
     """
     k = deltas.shape[0]
     if k == 1:
         return base + deltas[0]
-    flat = deltas.reshape(k, -1)
+    points = deltas if ctx.has_base else base + deltas
+    origin = base if ctx.has_base else torch.zeros_like(base)
+    flat = points.reshape(k, -1)
     w = weights.to(flat.dtype)
     if normalize_weights:
         w = w / w.sum()
@@ -64,19 +76,19 @@ def multislerp(
     units = flat / (norms + eps)
     mean = (units * w[:, None]).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)
-    if not bool(norms.any()):  # no model changed this tensor (MergeKit raises for K >= 3)
-        return base.clone()
+    if not bool(norms.any()):  # every point zero (no model changed it, with a base); MergeKit raises, K >= 3
+        return origin.clone()
     if mean_norm < eps:
         if k == 2:
-            return base + (deltas[0] * w[0] + deltas[1] * w[1])
+            return origin + (points[0] * w[0] + points[1] * w[1])
         raise ParameterError(
-            "multislerp: the weighted mean direction of the task vectors is zero (opposite task vectors whose "
-            "weights cancel); change the weights"
+            "multislerp: the weighted mean direction of the points is zero (opposite task vectors or models "
+            "whose weights cancel); change the weights"
         )
     mean = mean / mean_norm
     tangents = units - (units * mean).sum(-1, keepdim=True) * mean
     tangent = (tangents * w[:, None]).sum(0)
     length = torch.linalg.vector_norm(tangent) + eps
     out = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
-    out = out * (norms.squeeze(-1) * w).sum()
-    return base + out.reshape(base.shape)
+    out = (out * (norms.squeeze(-1) * w).sum()).reshape(base.shape)
+    return base + out if ctx.has_base else out

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from transfuse.methods._params import per_model_values
+from transfuse.methods.context import MethodContext
 from transfuse.methods.registry import ParamSpec, register
 
 ROW_WISE = ParamSpec(
@@ -68,26 +69,34 @@ def _flatten_or_rows(global_params: dict, per_model: dict) -> str | None:
     min_models=2,
     max_models=2,
     check=_flatten_or_rows,
+    needs_base=False,
     mergekit_name="nuslerp",
 )
 def nuslerp(
-    base: Tensor, deltas: Tensor, weights: Tensor, *, nuslerp_row_wise: bool, nuslerp_flatten: bool
+    base: Tensor,
+    deltas: Tensor,
+    weights: Tensor,
+    *,
+    nuslerp_row_wise: bool,
+    nuslerp_flatten: bool,
+    ctx: MethodContext = MethodContext(),
 ) -> Tensor:
-    """NuSLERP: SLERP between the two task vectors, with ``t`` from the model weights.
+    """NuSLERP: SLERP between the two task vectors (or, without a base, the two models), ``t`` from the weights.
 
     t = w_2 / (w_1 + w_2)  (0.5 when |w_1 + w_2| < 1e-6);
-    merged = base + slerp_vectors(t, delta_1, delta_2), over the whole tensor (``nuslerp_flatten``, default),
-    or per row (each slice along the last dim), or per column (``nuslerp_row_wise``: slices along dim 0).
-    So ``t = 0`` (w_2 = 0) gives model 1 and ``t = 1`` model 2.  MergeKit 0.1.5's ``nuslerp`` with a
-    ``base_model``, whose results this matches.  MergeKit's base-less form (SLERP of the two models
-    themselves) needs to know that the recipe has no base, which the method contract does not say yet, so
-    ``nuslerp`` requires a ``base_model`` here.
+    with a base (``ctx.has_base``): merged = base + slerp_vectors(t, delta_1, delta_2); without one (the
+    engine then passes model 1 as ``base``, so the models are theta_i = base + delta_i):
+    merged = slerp_vectors(t, theta_1, theta_2).  Over the whole tensor (``nuslerp_flatten``, default), or per
+    row (each slice along the last dim), or per column (``nuslerp_row_wise``: slices along dim 0).  So ``t = 0``
+    (w_2 = 0) gives model 1 and ``t = 1`` model 2.  MergeKit 0.1.5's ``nuslerp``, with and without a
+    ``base_model``, whose results this matches.
 
     Shoemake, SIGGRAPH 1985.  MergeKit: ``nuslerp``.
     """
     w1, w2 = per_model_values(weights)
     total = w1 + w2
     t = 0.5 if abs(total) < 1e-6 else w2 / total
-    return base + slerp_vectors(
-        t, deltas[0], deltas[1], dim=0 if nuslerp_row_wise else -1, flatten=nuslerp_flatten
-    )
+    dim = 0 if nuslerp_row_wise else -1
+    if not ctx.has_base:
+        return slerp_vectors(t, base + deltas[0], base + deltas[1], dim=dim, flatten=nuslerp_flatten)
+    return base + slerp_vectors(t, deltas[0], deltas[1], dim=dim, flatten=nuslerp_flatten)
