@@ -86,18 +86,24 @@ def test_single_expert_sweep_runs_slerp_and_defaults_only(tiny_backbone, suite, 
     one = suite.select(["colour"])
     base = {k: v.clone() for k, v in Encoder.load(tiny_backbone).state_dict().items()}
     result = run_method_sweep(
-        one, [experts["colour"]], base, ["slerp", "model_stock", "linear"], progress=False
+        one, [experts["colour"]], base, ["slerp", "nearswap", "model_stock", "linear"], progress=False
     )
     slerp = result["results"]["slerp"]
-    assert [c["params"] for c in slerp["candidates"]][1:] == [{"t": 0.25}, {"t": 0.5}, {"t": 0.75}]
-    assert "error" in slerp["candidates"][0]  # slerp has no default t
+    # slerp has no default t: the "defaults" candidate takes the grid's middle value, tried once
+    assert [c["params"] for c in slerp["candidates"]] == [{"t": 0.5}, {"t": 0.25}, {"t": 0.75}]
+    assert not any("error" in c for c in slerp["candidates"])
     assert slerp["params"]["t"] in (0.25, 0.5, 0.75)
+    nearswap = result["results"]["nearswap"]
+    assert [c["params"] for c in nearswap["candidates"]] == [{"t": 1e-3}, {"t": 1e-4}, {"t": 1e-2}]
+    assert not any("error" in c for c in nearswap["candidates"])
     assert "at least 2" in result["skipped"]["model_stock"]
     assert result["results"]["linear"]["chosen_on"] == "defaults (no grid)"
     no_grid = run_method_sweep(
-        one, [experts["colour"]], base, ["task_arithmetic"], grid=False, progress=False
+        one, [experts["colour"]], base, ["task_arithmetic", "nearswap"], grid=False, progress=False
     )
     assert [c["params"] for c in no_grid["results"]["task_arithmetic"]["candidates"]] == [{}]
+    assert [c["params"] for c in no_grid["results"]["nearswap"]["candidates"]] == [{"t": 1e-3}]
+    assert no_grid["results"]["nearswap"]["params"]["t"] == 1e-3
     assert all(torch.equal(v, base[k]) for k, v in Encoder.load(tiny_backbone).state_dict().items())
 
 
@@ -110,6 +116,21 @@ def test_default_grids_cover_every_method():
                 spec.param(name).validate(value)
     assert method_grid(get_method("ties")) == [{"density": d} for d in (0.1, 0.2, 0.3, 0.5, 0.7)]
     assert {"density": 0.5, "lambda": 0.3} in method_grid(get_method("dare_linear"))
+
+
+def test_default_candidate_fills_required_parameters_from_the_grid():
+    from transfuse.eval import EvaluationError
+    from transfuse.eval.sweep import default_candidate
+
+    assert default_candidate(get_method("task_arithmetic")) == {}  # every parameter has a default
+    assert method_grid(get_method("nearswap")) == [{"t": 1e-4}, {"t": 1e-3}, {"t": 1e-2}]
+    assert default_candidate(get_method("nearswap")) == {"t": 1e-3}
+    assert default_candidate(get_method("slerp")) == {"t": 0.5}
+    # the middle of the values, sorted, whatever the grid's order; the lower middle of an even count
+    assert default_candidate(get_method("nearswap"), {"nearswap": {"t": [0.5, 0.01, 0.1]}}) == {"t": 0.1}
+    assert default_candidate(get_method("nearswap"), {"nearswap": [{"t": 0.2}, {"t": 0.1}]}) == {"t": 0.1}
+    with pytest.raises(EvaluationError, match="no default"):
+        default_candidate(get_method("nearswap"), {"nearswap": {}})
 
 
 def test_cached_sweep_reruns_without_merging_or_evaluating(

@@ -20,9 +20,13 @@ breadcrumbs_ties, della_linear              task vectors (normalize=false), so t
 tsv                                         alpha 0.5, 0.75, 1.0, 1.25, 1.5
 iso_c, iso_cts                              alpha 0.5, 1.0, 1.5, 2.0
 slerp                                       t 0.25, 0.5, 0.75 (only with exactly one expert)
+nearswap                                    t 1e-4, 1e-3, 1e-2 (typical |delta| scales; exactly one expert)
 linear, model_stock                         none (defaults only)
 any other method                            its first of lambda / density / alpha / t, three values
 ==========================================  =====================================================================
+
+The first candidate is the method's defaults; a required parameter without a default (``nearswap``'s ``t``)
+takes the middle value of the method's grid for it there (:func:`default_candidate`).
 
 A method whose arity does not admit K experts (``min_models``/``max_models``) is skipped, with the reason in
 ``result["skipped"]``; a candidate whose merge fails records its error and the others go on.
@@ -69,6 +73,7 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "iso_c": {"alpha": (0.5, 1.0, 1.5, 2.0)},
     "iso_cts": {"alpha": (0.5, 1.0, 1.5, 2.0)},
     "slerp": {"t": (0.25, 0.5, 0.75)},
+    "nearswap": {"t": (1e-4, 1e-3, 1e-2)},
     "linear": {},
     "model_stock": {},
 }
@@ -124,6 +129,26 @@ def method_grid(spec: MethodSpec, grids: Mapping[str, Any] | None = None) -> lis
     return (
         [dict(zip(keys, values)) for values in itertools.product(*(table[k] for k in keys))] if keys else []
     )
+
+
+def default_candidate(spec: MethodSpec, grids: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The overrides of the sweep's first, "defaults" candidate: none, except that a parameter without a default
+    (required, e.g. ``nearswap``'s ``t``) takes the middle of the values the method's grid gives it (the lower
+    middle of an even count).  ``EvaluationError`` when the grid gives such a parameter no value."""
+    required = [p.name for p in spec.params if p.default is None and not p.inert]
+    if not required:
+        return {}
+    points = method_grid(spec, grids)
+    chosen: dict[str, Any] = {}
+    for name in required:
+        values = sorted({point[name] for point in points if name in point})
+        if not values:
+            raise EvaluationError(
+                f"method {spec.name!r}: parameter {name!r} has no default and its sweep grid gives it no value; "
+                f"pass grids={{{spec.name!r}: {{{name!r}: (...)}}}}"
+            )
+        chosen[name] = values[(len(values) - 1) // 2]
+    return chosen
 
 
 def run_method_sweep(
@@ -284,7 +309,12 @@ def run_method_sweep(
             log(f"{spec.name}: skipped ({reason})")
             continue
         start = time.perf_counter()
-        candidates: list[dict[str, Any]] = [{}]
+        try:
+            candidates: list[dict[str, Any]] = [default_candidate(spec, grids)]
+        except EvaluationError as exc:
+            skipped[spec.name] = str(exc)
+            log(f"{spec.name}: skipped ({exc})")
+            continue
         if grid:
             defaults = spec.defaults()
             for point in method_grid(spec, grids):
