@@ -14,6 +14,8 @@ scale ``alpha / r`` is 1 and ``W_base + B A`` is the approximation itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +55,23 @@ def rank_for_energy(singular_values: torch.Tensor, total_energy: float, energy: 
     return int(reached[0, 0]) + 1 if len(reached) else None
 
 
+@contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the enclosed CPU ops on one intra-op thread, restoring the count after.  torch's threaded LAPACK is
+    pathological on thin matrices: on the 2-core dev machine (with other processes running) a QR of
+    1536×40 took 560 ms on 2 threads and 8 ms on one, the SVD of 40×1536 960 ms against 9 ms, the full SVD of
+    1536×1536 6.4-13.6 s against 3.7 s."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def randomized_svd(
     matrix: torch.Tensor, q: int, *, oversample: int, power_iterations: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,11 +81,18 @@ def randomized_svd(
     m, n = matrix.shape
     k = min(q + oversample, m, n)
     omega = torch.randn(n, k, generator=generator, device="cpu").to(matrix.device)
-    basis = torch.linalg.qr(matrix @ omega).Q
+
+    def orthonormal(columns: torch.Tensor) -> torch.Tensor:
+        with one_cpu_thread(columns.device):
+            return torch.linalg.qr(columns).Q
+
+    basis = orthonormal(matrix @ omega)
     for _ in range(power_iterations):
-        basis = torch.linalg.qr(matrix.T @ basis).Q
-        basis = torch.linalg.qr(matrix @ basis).Q
-    u_small, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+        basis = orthonormal(matrix.T @ basis)
+        basis = orthonormal(matrix @ basis)
+    small = basis.T @ matrix
+    with one_cpu_thread(small.device):
+        u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
     return (basis @ u_small)[:, :q], s[:q], vh[:q]
 
 
@@ -110,7 +136,8 @@ def low_rank_factors(
             work, cap, oversample=oversample, power_iterations=power_iterations, generator=gen
         )
     else:
-        u, s, vh = torch.linalg.svd(work, full_matrices=False)
+        with one_cpu_thread(work.device):
+            u, s, vh = torch.linalg.svd(work, full_matrices=False)
     r = cap
     if energy is not None:
         r = min(rank_for_energy(s[:cap], total, energy) or cap, cap)
