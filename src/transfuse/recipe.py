@@ -318,7 +318,7 @@ class Recipe:
     def slice_base(self, output: OutputSlice) -> SliceSource | None:
         """The source of ``output`` that is its base model (``None`` for methods without a base)."""
         base = output.base_model or self.base_model
-        if base is None or not self.spec.needs_base:
+        if base is None or not (self.spec.needs_base or self.spec.base_optional):
             return None
         key = _input_key(base, None)
         return next((s for s in output.sources if _input_key(s.path, s.lora) == key), None)
@@ -340,7 +340,7 @@ class Recipe:
     @property
     def task_models(self) -> list[ModelEntry]:
         """The models that contribute task vectors: every listed model except the base itself."""
-        if self.base_model is None or not self.spec.needs_base:
+        if self.base_model is None or not (self.spec.needs_base or self.spec.base_optional):
             return list(self.models)
         base = _input_key(self.base_model, None)
         return [m for m in self.models if _input_key(m.path, m.lora) != base]

@@ -55,9 +55,13 @@ def test_slice_recipes(weights):
 
     # a needs_base method: the slice's base is its base
     assert all(has for _, has in sliced("task_arithmetic", base=True))
-    # without needs_base every source is a model and the first is the reference (MergeKit's "ignored" base)
-    assert not any(has for _, has in sliced("karcher", base=True))
+    # a method that works with or without a base: a base named in the recipe and listed as a source is the base
+    assert all(has for _, has in sliced("karcher", base=True))
+    # without a base every source is a model and the first is the reference
     assert not any(has for _, has in sliced("multislerp", base=False))
+    assert not any(
+        has for _, has in sliced("linear", base=True)
+    )  # linear ignores a base (MergeKit's "ignored")
 
 
 def test_default_context_has_a_base():

@@ -74,6 +74,7 @@ def karcher_mean(points: list[Tensor], max_iter: int, tol: float) -> Tensor:
     "merging: arXiv:2603.04972 (MergeKit's reference)",
     min_models=1,
     needs_base=False,
+    base_optional=True,
     mergekit_name="karcher",
 )
 def karcher(

@@ -35,6 +35,7 @@ def _weights_sum(global_params: dict, per_model: dict) -> str | None:
     "barycentric interpolation on the sphere, as in Buss & Fillmore, ACM TOG 2001)",
     min_models=1,
     needs_base=False,
+    base_optional=True,
     check=_weights_sum,
     mergekit_name="multislerp",
 )

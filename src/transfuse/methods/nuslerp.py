@@ -70,6 +70,7 @@ def _flatten_or_rows(global_params: dict, per_model: dict) -> str | None:
     max_models=2,
     check=_flatten_or_rows,
     needs_base=False,
+    base_optional=True,
     mergekit_name="nuslerp",
 )
 def nuslerp(

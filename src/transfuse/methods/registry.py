@@ -139,6 +139,9 @@ class MethodSpec:
     max_models: int | None = None
     random: bool = False
     needs_base: bool = True
+    # Methods that work with or without a base (nuslerp, multislerp, karcher): a base given in the recipe is the
+    # base, never one more model, even when it is also listed under `models` (as in MergeKit).
+    base_optional: bool = False
     mergekit_name: str | None = None  # the name MergeKit gives the same method, if it has it
     # Cross-parameter rule checked by the plan for every tensor before any work: check(global, per_model) -> error
     # message naming the offending model index, or None.
@@ -184,6 +187,7 @@ def register(
     max_models: int | None = None,
     random: bool = False,
     needs_base: bool = True,
+    base_optional: bool = False,
     mergekit_name: str | None = None,
     check: Callable[[dict[str, Any], dict[str, tuple[float, ...]]], str | None] | None = None,
     output_scale: str | None = None,
@@ -230,6 +234,7 @@ def register(
             max_models=max_models,
             random=random,
             needs_base=needs_base,
+            base_optional=base_optional,
             mergekit_name=mergekit_name,
             check=check,
             output_scale=output_scale,
