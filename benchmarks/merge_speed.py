@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -64,6 +65,11 @@ BUSY_CORES = 0.25  # flag runs during which other processes used more than this 
 OUT_SHARD = "5GB"  # transfuse --shard-size / copy floor; MergeKit: --out-shard-size 5B (parameters)
 
 ALL_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs"]
+# Layer-slice recipes (MergeKit's `slices:`), only run when named with --methods (not in the default matrix):
+# `passthrough` stacks fine-tune 1's layers [0, 3L/4) on fine-tune 2's [L/4, L) (a deeper model, as SOLAR-style
+# depth up-scaling does; K is always 2); `ties_slices` is TIES over two slices, [0, L/2) and [L/2, L), of the
+# base and K fine-tunes with density gradients.
+SLICE_METHODS = ["passthrough", "ties_slices"]
 ALL_TOOLS = ["transfuse", "mergekit", "copy"]
 # Default matrix, sized to stay near 20 minutes with MergeKit on 2 CPU cores: every method at K=2, and
 # the sparsifying methods again at K=4.  Naming --models/--methods explicitly runs the full cross product.
@@ -235,17 +241,22 @@ def verify_loads(model_dir: Path, specs) -> None:
     )
 
 
-def model_bytes(model_dir: Path) -> int:
-    """Bytes of all tensors (not headers) in a safetensors model dir."""
-    total = 0
+def tensor_bytes(model_dir: Path) -> dict[str, int]:
+    """name -> bytes of every tensor in a safetensors model dir (from the headers)."""
+    out = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with open(path, "rb") as fh:
             n = int.from_bytes(fh.read(8), "little")
             header = json.loads(fh.read(n))
-        total += sum(
-            v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"
+        out.update(
+            {k: v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__"}
         )
-    return total
+    return out
+
+
+def model_bytes(model_dir: Path) -> int:
+    """Bytes of all tensors (not headers) in a safetensors model dir."""
+    return sum(tensor_bytes(model_dir).values())
 
 
 def warm_cache(dirs: list[Path]) -> float:
@@ -263,7 +274,56 @@ def warm_cache(dirs: list[Path]) -> float:
 # ------------------------------------------------------------------------------------------------ recipes
 
 
-def recipe(method: str, base: Path, fts: list[Path]) -> dict:
+def slice_ranges(n_layers: int) -> tuple[int, int]:
+    """The frankenmerge's cut: A's layers [0, hi) + B's [lo, L), hi = ceil(3L/4), lo = L - hi (SOLAR: 24/8 of 32)."""
+    hi = (3 * n_layers + 3) // 4
+    return hi, n_layers - hi
+
+
+def slice_recipe(method: str, base: Path, fts: list[Path], n_layers: int) -> dict:
+    """One `slices:` recipe, the same YAML for both tools (see SLICE_METHODS)."""
+    if method == "passthrough":
+        hi, lo = slice_ranges(n_layers)
+        return {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": str(fts[0]), "layer_range": [0, hi]}]},
+                {"sources": [{"model": str(fts[1]), "layer_range": [lo, n_layers]}]},
+            ],
+            "dtype": "bfloat16",
+        }
+    if method == "ties_slices":
+        half = n_layers // 2
+
+        def sources(a: int, b: int) -> list[dict]:
+            return [{"model": str(p), "layer_range": [a, b]} for p in (base, *fts)]
+
+        return {
+            "merge_method": "ties",
+            "base_model": str(base),
+            "slices": [
+                {"sources": sources(0, half)},
+                # a slice's own parameters rank above the global ones: the gradient runs the other way here
+                {"sources": sources(half, n_layers), "parameters": {"density": [0.7, 0.3]}},
+            ],
+            "parameters": {"weight": round(1.0 / len(fts), 4), "density": [0.3, 0.7]},
+            "dtype": "bfloat16",
+        }
+    raise SystemExit(f"unknown slice method {method}")
+
+
+def output_layers(method: str, n_layers: int) -> int:
+    """Layer count of the merged model (more than the base's for the frankenmerge)."""
+    if method == "passthrough":
+        hi, lo = slice_ranges(n_layers)
+        return hi + (n_layers - lo)
+    return n_layers
+
+
+def recipe(method: str, base: Path, fts: list[Path], n_layers: int | None = None) -> dict:
+    if method in SLICE_METHODS:
+        assert n_layers is not None
+        return slice_recipe(method, base, fts, n_layers)
     k = len(fts)
     w = round(1.0 / k, 4)
     doc: dict = {"merge_method": method}
@@ -285,8 +345,36 @@ def recipe(method: str, base: Path, fts: list[Path]) -> dict:
 
 
 def recipe_inputs(doc: dict) -> list[Path]:
-    paths = ([doc["base_model"]] if "base_model" in doc else []) + [m["model"] for m in doc["models"]]
-    return [Path(p) for p in paths]
+    paths = [doc["base_model"]] if "base_model" in doc else []
+    if "slices" in doc:
+        paths += [s["model"] for sl in doc["slices"] for s in sl["sources"]]
+    else:
+        paths += [m["model"] for m in doc["models"]]
+    return [Path(p) for p in dict.fromkeys(paths)]  # unique, in order
+
+
+LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def recipe_read_bytes(doc: dict) -> int | None:
+    """Bytes of the input tensors a `slices:` recipe reads (its layer ranges; the embeddings from the first slice's
+    sources, final norm and head from the last slice's); None for a whole-model recipe."""
+    if "slices" not in doc:
+        return None
+    slices = doc["slices"]
+    total = 0
+    for i, sl in enumerate(slices):
+        for src in sl["sources"]:
+            a, b = src["layer_range"]
+            for name, nbytes in tensor_bytes(Path(src["model"])).items():
+                m = LAYER_RE.match(name)
+                if m:
+                    total += nbytes if a <= int(m.group(1)) < b else 0
+                elif "embed" in name:
+                    total += nbytes if i == 0 else 0
+                else:  # final norm, lm_head
+                    total += nbytes if i == len(slices) - 1 else 0
+    return total
 
 
 # ------------------------------------------------------------------------------------------------ running
@@ -497,8 +585,11 @@ def wait_for_quiet(max_wait: float, threshold: float = 0.25) -> float:
             return load
 
 
-def check_output(out_dir: Path, base_dir: Path) -> str | None:
-    """None if out_dir holds the base's tensor names and shapes in bfloat16; else what is wrong."""
+def check_output(out_dir: Path, base_dir: Path, n_layers: int | None = None) -> str | None:
+    """None if out_dir holds the base's tensor names and shapes in bfloat16; else what is wrong.
+
+    With ``n_layers`` (a frankenmerge's deeper model) the expected names are the base's with layers 0..n_layers-1,
+    each shaped like the base's layer 0, and config.json must say ``num_hidden_layers: n_layers``."""
 
     def headers(d: Path) -> dict:
         out = {}
@@ -511,6 +602,13 @@ def check_output(out_dir: Path, base_dir: Path) -> str | None:
     if not (out_dir / "config.json").exists():
         return "no config.json in output"
     got, want = headers(out_dir), headers(base_dir)
+    if n_layers is not None:
+        layer0 = {m.group(2): v for k, v in want.items() if (m := LAYER_RE.match(k)) and m.group(1) == "0"}
+        want = {k: v for k, v in want.items() if not LAYER_RE.match(k)}
+        want.update({f"model.layers.{i}.{rest}": v for i in range(n_layers) for rest, v in layer0.items()})
+        config_layers = json.loads((out_dir / "config.json").read_text()).get("num_hidden_layers")
+        if config_layers != n_layers:
+            return f"config.json num_hidden_layers {config_layers}, want {n_layers}"
     if set(got) != set(want):
         missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
         return f"tensor names differ: missing {missing[:3]}... ({len(missing)}), extra {extra[:3]}... ({len(extra)})"
@@ -520,7 +618,9 @@ def check_output(out_dir: Path, base_dir: Path) -> str | None:
     return None
 
 
-def measure_once(tool, method, k, cmd, out_dir, inputs, base, input_bytes, args, runs_dir, label):
+def measure_once(
+    tool, method, k, cmd, out_dir, inputs, base, input_bytes, args, runs_dir, label, n_layers=None
+):
     """One timed run of one cell: warm inputs, wait for quiet, run, check and delete the output."""
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -528,7 +628,7 @@ def measure_once(tool, method, k, cmd, out_dir, inputs, base, input_bytes, args,
     before = wait_for_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
     print(f"[run] {tool} {method} K={k} {label}: {shlex.join(cmd)}", flush=True)
     res = run_measured(cmd, runs_dir / f"{tool}-{method}-k{k}.log")
-    problem = None if res.rc != 0 else check_output(out_dir, base)
+    problem = None if res.rc != 0 else check_output(out_dir, base, n_layers)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     res.load_before = before
@@ -605,7 +705,12 @@ def parse_args(argv=None):
         help="K values (fine-tuned models per merge). Default: the plan below the options",
     )
     ap.add_argument(
-        "--methods", nargs="+", choices=ALL_METHODS, default=None, help="methods. Default: the plan below"
+        "--methods",
+        nargs="+",
+        choices=ALL_METHODS + SLICE_METHODS,
+        default=None,
+        help="methods. Default: the plan below. Layer slices (not in the default plan): passthrough "
+        "(fine-tune 1 layers [0, 3L/4) + fine-tune 2 [L/4, L), K=2 only), ties_slices (two slices, density gradients)",
     )
     ap.add_argument("--tools", nargs="+", choices=ALL_TOOLS, default=ALL_TOOLS)
     ap.add_argument("--workdir", default="/tmp/transfuse-bench")
@@ -656,7 +761,9 @@ def parse_args(argv=None):
     else:
         ks = args.models or [2, 4]
         methods = args.methods or ALL_METHODS
-        args.plan = [(k, m) for k in ks for m in methods]
+        args.plan = [(k, m) for k in ks for m in methods if not (m == "passthrough" and k != 2)]
+        if "passthrough" in methods and 2 not in ks:
+            args.plan.append((2, "passthrough"))  # the frankenmerge stacks two models whatever --models says
     return args
 
 
@@ -732,12 +839,19 @@ def main(argv=None) -> int:
     commands: dict[str, str] = {}
     copy_memo: dict[tuple, dict] = {}
     for k, method in args.plan:
-        doc = recipe(method, base, fts[:k])
+        n_layers = CONFIGS[args.params]["num_hidden_layers"]
+        doc = recipe(method, base, fts[:k], n_layers)
         inputs = recipe_inputs(doc)
-        input_bytes = sum(sizes[p] for p in inputs)
+        read_bytes = recipe_read_bytes(doc)  # a slice recipe reads only its layer ranges
+        input_bytes = read_bytes if read_bytes is not None else sum(sizes[p] for p in inputs)
+        out_layers = output_layers(method, n_layers)
         recipe_path = runs_dir / f"{method}-k{k}.yaml"
         recipe_path.write_text(yaml.safe_dump(doc, sort_keys=False))
         for tool in args.tools:
+            if tool == "copy" and method == "passthrough":
+                # copy_floor.py writes the first input's tensors: not the frankenmerge's deeper output
+                print("[run] copy floor skipped for passthrough (its output has more layers)", flush=True)
+                continue
             memo_key = (tool, tuple(inputs))
             if tool == "copy" and memo_key in copy_memo:
                 # Same inputs as an earlier cell (the copy floor does no method-specific work): reuse.
@@ -764,6 +878,7 @@ def main(argv=None) -> int:
                         args,
                         runs_dir,
                         f"({rep + 1}/{args.repeat})" + (" retry" if attempt else ""),
+                        None if out_layers == n_layers else out_layers,
                     )
                     if best is None or (res.rc == 0 and res.wall_s < best[0].wall_s):
                         best = (res, problem)  # of the attempts, the fastest = the least disturbed
@@ -791,6 +906,7 @@ def main(argv=None) -> int:
                 "wall_s_all": [round(w, 3) for w in walls],
                 "input_models": len(inputs),
                 "input_bytes": input_bytes,
+                "output_layers": out_layers,
                 "input_gb_per_s": round(input_bytes / wall / 1e9, 4),
                 "peak_rss_gb": round(max(r.peak_rss_bytes for r, _ in results) / 1e9, 3),
                 "max_child_processes": max(r.max_processes for r, _ in results),
