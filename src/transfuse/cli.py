@@ -30,6 +30,16 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _stopped(exc: BaseException, out_dir: Path) -> None:
+    """One line for a command stopped by Ctrl-C, SIGTERM or SIGHUP (its temp dir is already removed), and the
+    shell's exit code for that signal (128 + N)."""
+    from transfuse.signals import Terminated
+
+    name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
+    err_console.print(f"[bold red]stopped[/] by {name}: nothing was written to {out_dir}; inputs untouched")
+    raise typer.Exit(code=128 + (exc.signum if isinstance(exc, Terminated) else 2)) from None
+
+
 @app.command()
 def merge(
     recipe: Annotated[Path, typer.Argument(help="Merge recipe (YAML; MergeKit's schema is accepted).")],
@@ -153,11 +163,7 @@ def merge(
         _fail(exc)
         return
     except (KeyboardInterrupt, Terminated) as exc:
-        name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
-        err_console.print(
-            f"[bold red]stopped[/] by {name}: nothing was written to {out_dir}; inputs untouched"
-        )
-        raise typer.Exit(code=128 + (exc.signum if isinstance(exc, Terminated) else 2)) from None
+        _stopped(exc, out_dir)
     for warning in result.warnings:
         err_console.print(f"[bold yellow]warning:[/] {escape(warning)}")
     for note in result.plan_notes:
@@ -677,11 +683,7 @@ def lora_extract(
         _fail(exc)
         return
     except (KeyboardInterrupt, Terminated) as exc:
-        name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
-        err_console.print(
-            f"[bold red]stopped[/] by {name}: nothing was written to {out_dir}; inputs untouched"
-        )
-        raise typer.Exit(code=128 + (exc.signum if isinstance(exc, Terminated) else 2)) from None
+        _stopped(exc, out_dir)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     worst = sorted(result.matrices, key=lambda m: m.relative_error, reverse=True)[:5]
@@ -718,7 +720,10 @@ def moe(
         ),
     ] = "per_expert",
     gate_dtype: Annotated[
-        str, typer.Option(help="Dtype the base runs in for the hidden* gate modes (float32, bfloat16, ...).")
+        str,
+        typer.Option(
+            help="Dtype the base runs in for the hidden* gate modes (float32, bfloat16 as MergeKit, ...)."
+        ),
     ] = "float32",
     seed: Annotated[
         int | None, typer.Option(help="Seed of random gates and expert noise_scale; overrides the recipe's.")
@@ -741,7 +746,7 @@ def moe(
 ) -> None:
     """Build a Mixtral-style mixture of experts from dense Llama / Mistral fine-tunes of one base: the base's
     attention, norms and embeddings, each expert's MLP as one expert slot, routers from the recipe's gate_mode
-    (hidden, hidden_last, hidden_avg, cheap_embed, random, uniform_random; see docs/moe.md)."""
+    (MergeKit's hidden, hidden_avg, cheap_embed, random, uniform_random; transfuse's hidden_mlp; see docs/moe.md)."""
     from transfuse.moe import build_moe
     from transfuse.signals import Terminated, exit_on_termination_signals
 
@@ -764,11 +769,7 @@ def moe(
         _fail(exc)
         return
     except (KeyboardInterrupt, Terminated) as exc:
-        name = exc.signal_name if isinstance(exc, Terminated) else "SIGINT"
-        err_console.print(
-            f"[bold red]stopped[/] by {name}: nothing was written to {out_dir}; inputs untouched"
-        )
-        raise typer.Exit(code=128 + (exc.signum if isinstance(exc, Terminated) else 2)) from None
+        _stopped(exc, out_dir)
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(

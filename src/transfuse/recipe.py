@@ -149,18 +149,7 @@ class Recipe:
     def load(cls, path: str | Path) -> Recipe:
         """Read a YAML recipe; relative model paths are taken relative to the recipe's folder."""
         path = Path(path)
-        if not path.is_file():
-            what = "is a dir, not a file" if path.is_dir() else "does not exist"
-            raise RecipeError(f"recipe file {path} {what}")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RecipeError(
-                f"recipe {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
-            ) from None
-        except OSError as exc:
-            raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
-        return cls.from_dict(load_yaml_bounded(text, str(path)), root=path.parent)
+        return cls.from_dict(read_recipe_yaml(path), root=path.parent)
 
     @classmethod
     def from_dict(cls, data: Any, *, root: str | Path | None = None) -> Recipe:
@@ -535,6 +524,23 @@ def _refuse_duplicates(models: list[ModelEntry]) -> None:
                 "would count its task vector twice. List it once and raise its `weight` instead"
             )
         seen[key] = i
+
+
+def read_recipe_yaml(path: Path, what: str = "recipe") -> Any:
+    """A recipe file's YAML data: named errors for a missing file, a dir, non-UTF-8 text, unreadable files and
+    hostile YAML (see ``load_yaml_bounded``)."""
+    if not path.is_file():
+        why = "is a dir, not a file" if path.is_dir() else "does not exist"
+        raise RecipeError(f"{what} file {path} {why}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(
+            f"{what} {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    return load_yaml_bounded(text, str(path))
 
 
 def load_yaml_bounded(text: str, where: str = "recipe") -> Any:

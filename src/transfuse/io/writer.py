@@ -55,9 +55,8 @@ INDEX_FILE = "model.safetensors.index.json"
 # Non-weight files of a Hugging Face model dir that a merged model needs (config, generation config,
 # tokenizer,
 # chat template, processor).  Weights, shard indexes and adapter files are never copied.
-CONFIG_FILES = (
-    "config.json",
-    "generation_config.json",
+# The tokenizer and chat-template files among them (written by transfuse itself when it merges vocabularies).
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "tokenizer.model",
@@ -70,6 +69,11 @@ CONFIG_FILES = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "chat_template.json",
+)
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    *TOKENIZER_FILES,
     "preprocessor_config.json",
     "processor_config.json",
 )
@@ -77,26 +81,13 @@ CONFIG_GLOBS = ("tokenizer*.json", "tokenizer*.model", "*.tiktoken", "*.jinja")
 CONFIG_DIRS = ("additional_chat_templates",)
 
 
-_TOKENIZER_FILES = (
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-
-
 def is_tokenizer_file(name: str) -> bool:
     """A tokenizer or chat-template file (as opposed to config.json, generation_config.json, processors...)."""
     return (
         name.startswith("tokenizer")
-        or name in _TOKENIZER_FILES
+        or name in TOKENIZER_FILES
         or name.endswith((".tiktoken", ".jinja"))
-        or (name == "additional_chat_templates")
+        or name in CONFIG_DIRS
     )
 
 
