@@ -17,8 +17,9 @@ What it does:
    loads as ``MixtralForCausalLM`` without missing or unexpected keys (once per tool and mode, outside the timing).
    - transfuse: ``transfuse moe R OUT --no-progress --overwrite`` (per_expert layout, gates in float32)
    - MergeKit 0.1.5: ``mergekit-moe R OUT --device cpu --out-shard-size 5B`` (fused layout, gates in bfloat16)
-   MergeKit's ``hidden`` reads each layer's input at the last token, transfuse's each MLP's input averaged over
-   tokens: both run the base once per prompt set (MergeKit batches the prompts, transfuse runs them one by one).
+   Both tools' ``hidden`` compute the same rows (each layer's input at the prompt's last token) and run the
+   prompts as padded batches: MergeKit one left-padded batch per expert's prompt list, in bfloat16; transfuse
+   every distinct prompt in right-padded batches (one here), in float32, stopping after the last layer's input.
 4. Prints a markdown table (tool, gate mode, wall s, CPU s, peak RSS GB, output GB) and writes ``--json``.
 """
 

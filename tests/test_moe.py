@@ -4,8 +4,9 @@ perturbed MLPs and, for one, perturbed attention too).
 Checked: the output loads as ``MixtralForCausalLM`` with no missing / unexpected keys in both layouts and generates;
 each expert's MLP lands in its slot; with every expert active and a uniform router the MoE equals an independent
 average of the experts' MLPs; router rows equal an independent re-derivation for every prompt gate mode; random
-gates are deterministic per seed; cheap_embed / hidden_last agree with ``mergekit-moe`` (when installed); every
-documented refusal happens before anything is written.
+gates are deterministic per seed; batched (padded) hidden gates equal the one-prompt-at-a-time computation;
+cheap_embed / hidden / hidden_avg agree with ``mergekit-moe`` (when installed); every documented refusal happens
+before anything is written.
 """
 
 from __future__ import annotations
@@ -206,7 +207,8 @@ def _prompt_ids(prompts):
 
 
 def _rederive_hidden(models, mode):
-    """The documented formula, from hooks on post_attention_layernorm (hidden) or output_hidden_states."""
+    """The documented formula, one prompt at a time (no padding anywhere), from output_hidden_states (hidden,
+    hidden_last, hidden_avg) or a hook on post_attention_layernorm (hidden_mlp)."""
     base = _dense(models, "base")
     captured = {}
     for i, layer in enumerate(base.model.layers):
@@ -217,10 +219,10 @@ def _rederive_hidden(models, mode):
     def summary(ids):
         with torch.no_grad():
             hs = base(ids, output_hidden_states=True).hidden_states
-        if mode == "hidden":
+        if mode == "hidden_mlp":
             return torch.stack([captured[i].mean(dim=0) for i in range(LAYERS)])
         layer_inputs = torch.stack([hs[i][0] for i in range(LAYERS)])
-        return layer_inputs[:, -1] if mode == "hidden_last" else layer_inputs.mean(dim=1)
+        return layer_inputs[:, -1] if mode in ("hidden", "hidden_last") else layer_inputs.mean(dim=1)
 
     rows = []
     for positive, negative in PROMPTS:
@@ -231,8 +233,9 @@ def _rederive_hidden(models, mode):
     return torch.stack(rows, dim=1)
 
 
-@pytest.mark.parametrize("mode", ["hidden", "hidden_last", "hidden_avg"])
+@pytest.mark.parametrize("mode", ["hidden", "hidden_last", "hidden_avg", "hidden_mlp"])
 def test_hidden_gate_rows_equal_an_independent_rederivation(models, tmp_path, mode):
+    """transfuse batches the prompts (right-padded, lengths 12-19 here); the reference runs each alone."""
     out = tmp_path / "moe"
     result = build_moe(_recipe(models, mode), out)
     want = _rederive_hidden(models, mode)
@@ -241,7 +244,57 @@ def test_hidden_gate_rows_equal_an_independent_rederivation(models, tmp_path, mo
     for layer in range(LAYERS):
         torch.testing.assert_close(written[f"model.layers.{layer}.block_sparse_moe.gate.weight"], want[layer])
     assert torch.allclose(result.gates.norm(dim=-1), torch.ones(LAYERS, 3))
-    assert any("hidden_last reproduces" in n for n in result.notes) == (mode == "hidden")
+    assert any("mergekit-moe does not accept" in n for n in result.notes) == (mode == "hidden_mlp")
+    # experts[0]'s two prompts differ in length: MergeKit's hidden_avg would count its padding
+    assert any("hidden_avg: the prompts of experts[0] differ" in n for n in result.notes) == (
+        mode == "hidden_avg"
+    )
+
+
+@pytest.mark.parametrize("mode", ["hidden", "hidden_avg", "hidden_mlp"])
+def test_batched_hidden_gates_equal_one_prompt_at_a_time(models, mode):
+    """The padded batches (one, or several under a small token budget) give the rows of the unbatched run, and
+    each prompt's summary equals its own unpadded forward pass."""
+    from transfuse.moe import gates as gate_lib
+
+    tok = _tokenizer()
+    tokenized = [
+        (gate_lib.tokenize_prompts(tok, pos, VOCAB), gate_lib.tokenize_prompts(tok, neg, VOCAB))
+        for pos, neg in PROMPTS
+    ]
+    site, reduce = gate_lib.HIDDEN_MODES[mode]
+    probe = gate_lib.HiddenStateProbe(models / "base", torch.float32, site)
+    try:
+        alone = gate_lib.hidden_gates(probe, mode, tokenized, max_prompts=1)
+        batched = gate_lib.hidden_gates(probe, mode, tokenized)
+        chunked = gate_lib.hidden_gates(probe, mode, tokenized, max_tokens=40)
+        torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(chunked, alone, rtol=1e-5, atol=1e-6)
+        prompts = [ids for pos, neg in tokenized for ids in (*pos, *neg)]
+        assert len({len(ids) for ids in prompts}) > 3  # padding really happens
+        together = probe.summaries(prompts, reduce)
+        for row, ids in enumerate(prompts):
+            torch.testing.assert_close(together[row], probe.summaries([ids], reduce)[0], rtol=1e-5, atol=1e-6)
+    finally:
+        probe.close()
+
+
+def test_prompt_batches_are_longest_first_within_the_budget():
+    from transfuse.moe.gates import prompt_batches
+
+    prompts = [torch.zeros(n, dtype=torch.long) for n in (3, 10, 5, 10, 2, 30)]
+    assert prompt_batches(prompts) == [[5, 1, 3, 2, 0, 4]]
+    assert prompt_batches(prompts, max_tokens=20) == [[5], [1, 3], [2, 0, 4]]
+    assert prompt_batches(prompts, max_prompts=2) == [[5, 1], [3, 2], [0, 4]]
+    assert prompt_batches(prompts, max_prompts=1) == [[i] for i in (5, 1, 3, 2, 0, 4)]
+
+
+def test_bfloat16_gate_dtype_is_close_to_float32(models, tmp_path):
+    recipe = _recipe(models, "hidden")
+    f32 = build_moe(recipe, tmp_path / "a").gates
+    bf16 = build_moe(recipe, tmp_path / "b", gate_dtype="bfloat16").gates
+    assert not torch.equal(f32, bf16)
+    assert bool((torch.nn.functional.cosine_similarity(f32, bf16, dim=-1) > 0.99).all())
 
 
 def test_cheap_embed_rows_equal_an_independent_rederivation(models, tmp_path):
@@ -354,14 +407,33 @@ def test_cheap_embed_router_rows_match_mergekit(models, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_hidden_last_router_rows_match_mergekit_hidden(models, tmp_path):
-    """MergeKit's `hidden` (layer input, last token) in bfloat16 against transfuse's hidden_last in float32."""
+def test_hidden_router_rows_match_mergekit_hidden(models, tmp_path):
+    """The same recipe (gate_mode: hidden) in both tools: MergeKit's activations in bfloat16 (its left-padded
+    batches), transfuse's in float32 (right-padded batches)."""
     recipe = _recipe(models, "hidden")
     theirs = _mergekit_gates(models, recipe, tmp_path)
-    ours = build_moe({**recipe, "gate_mode": "hidden_last"}, tmp_path / "ours").gates
+    ours = build_moe(recipe, tmp_path / "ours").gates
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-2)  # bf16 rounding of MergeKit's activations
     cosine = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
     assert bool((cosine > 0.999).all()), cosine
+
+
+def test_hidden_avg_router_rows_match_mergekit_when_prompt_lengths_agree(models, tmp_path):
+    """MergeKit's hidden_avg divides by the padded length and counts its left padding: the rows agree where every
+    prompt list has one token count, and differ (experts[0] here) where they do not, as docs/moe.md says."""
+    recipe = _recipe(models, "hidden_avg")
+    recipe["experts"][0]["positive_prompts"] = ["add two numbers", "math is lovely!"]  # 15 characters each
+    theirs = _mergekit_gates(models, recipe, tmp_path)
+    result = build_moe(recipe, tmp_path / "ours")
+    assert not any("hidden_avg: the prompts" in n for n in result.notes)
+    torch.testing.assert_close(result.gates, theirs, rtol=0, atol=1e-2)
+    assert bool((torch.nn.functional.cosine_similarity(result.gates, theirs, dim=-1) > 0.999).all())
+
+    uneven = _recipe(models, "hidden_avg")  # experts[0]: 15 and 11 characters
+    theirs = _mergekit_gates(models, uneven, tmp_path / "uneven")
+    ours = build_moe(uneven, tmp_path / "ours-uneven").gates
+    torch.testing.assert_close(ours[:, 1:], theirs[:, 1:], rtol=0, atol=1e-2)
+    assert float((ours[:, 0] - theirs[:, 0]).abs().max()) > 0.05
 
 
 # ------------------------------------------------------------------------------------------------ refusals

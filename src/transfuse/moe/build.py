@@ -45,7 +45,13 @@ from transfuse.errors import (
 from transfuse.io.checkpoint import Checkpoint, open_checkpoint, read_json
 from transfuse.io.writer import ShardedWriter, config_files
 from transfuse.moe import gates as gate_lib
-from transfuse.moe.recipe import GATE_MODES, PROMPT_GATE_MODES, MoeRecipe, load_moe_recipe
+from transfuse.moe.recipe import (
+    GATE_MODES,
+    HIDDEN_GATE_MODES,
+    PROMPT_GATE_MODES,
+    MoeRecipe,
+    load_moe_recipe,
+)
 
 LAYOUTS = ("per_expert", "fused")
 SOURCE_MODEL_TYPES = ("llama", "mistral")
@@ -313,16 +319,16 @@ def _check_and_plan(recipe: MoeRecipe, base: Checkpoint, experts: list[Checkpoin
             f"gate_mode {recipe.gate_mode!r} tokenizes the prompts with the base's tokenizer, but {base.source} has "
             "no tokenizer files; add them to the base dir or use gate_mode: random"
         )
-    if recipe.gate_mode in ("hidden", "hidden_last", "hidden_avg") and base.config_dir is None:
+    if recipe.gate_mode in HIDDEN_GATE_MODES and base.config_dir is None:
         raise ConfigError(
             f"gate_mode {recipe.gate_mode!r} runs the base, which needs a model dir, not a file"
         )
     if tokenizer_dir is None:
         notes.append(f"the base {base.source} has no tokenizer files: the output has none")
-    if recipe.gate_mode == "hidden":
+    if recipe.gate_mode == "hidden_mlp":
         notes.append(
-            "gate_mode hidden: router rows from each layer's MLP input (mean over tokens), what the router sees; "
-            "MergeKit's hidden reads each layer's input at the last token: gate_mode hidden_last reproduces it"
+            "gate_mode hidden_mlp is transfuse's (each layer's MLP input, mean over tokens): mergekit-moe does not "
+            "accept this recipe; gate_mode hidden is MergeKit's"
         )
     if base_config.get("sliding_window") is not None:
         notes.append(f"the base's sliding_window {base_config['sliding_window']} is kept (MergeKit drops it)")
@@ -536,8 +542,13 @@ def _in_state_dict_naming(
 # ------------------------------------------------------------------------------------------------ gates
 
 
-def compute_gates(plan: MoePlan, *, gate_dtype: str = "float32") -> torch.Tensor:
-    """``[L, E, H]`` float32 router rows for the plan's gate mode (see :mod:`transfuse.moe.gates`)."""
+def compute_gates(
+    plan: MoePlan, *, gate_dtype: str = "float32", notes: list[str] | None = None
+) -> torch.Tensor:
+    """``[L, E, H]`` float32 router rows for the plan's gate mode (see :mod:`transfuse.moe.gates`).
+
+    ``notes``, when given, gets what the user should know about the rows (hidden_avg prompts of unequal length,
+    where MergeKit's mean would also count its padding)."""
     recipe = plan.recipe
     mode = recipe.gate_mode
     if mode not in GATE_MODES:  # pragma: no cover - the recipe refuses it
@@ -565,7 +576,20 @@ def compute_gates(plan: MoePlan, *, gate_dtype: str = "float32") -> torch.Tensor
         gates = gate_lib.cheap_embed_gates(embed, tokenized, plan.num_layers)
         _release(plan.base, "model.embed_tokens.weight")
         return gates
-    probe = gate_lib.HiddenStateProbe(plan.base.config_dir, torch_dtype(gate_dtype))  # type: ignore[arg-type]
+    if mode == "hidden_avg" and notes is not None:
+        uneven = [
+            f"experts[{i}]"
+            for i, (positive, negative) in enumerate(tokenized)
+            if len({len(ids) for ids in positive}) > 1 or len({len(ids) for ids in negative}) > 1
+        ]
+        if uneven:
+            notes.append(
+                f"gate_mode hidden_avg: the prompts of {', '.join(uneven)} differ in token count; transfuse "
+                "averages each prompt over its own tokens, mergekit-moe's mean also counts its left padding, so "
+                "those router rows differ from MergeKit's (docs/moe.md)"
+            )
+    site, _ = gate_lib.HIDDEN_MODES[mode]
+    probe = gate_lib.HiddenStateProbe(plan.base.config_dir, torch_dtype(gate_dtype), site)  # type: ignore[arg-type]
     try:
         if len(probe.layers) != plan.num_layers:
             raise ConfigError(
@@ -614,7 +638,8 @@ def build_moe(
             f"computing {plan.num_layers} x {plan.num_experts} router rows (gate_mode {plan.recipe.gate_mode})"
         )
         gate_started = time.perf_counter()
-        gates = compute_gates(plan, gate_dtype=gate_dtype)
+        notes = list(plan.notes)
+        gates = compute_gates(plan, gate_dtype=gate_dtype, notes=notes)
         gate_seconds = time.perf_counter() - gate_started
         if not bool(torch.isfinite(gates).all()):
             raise NonFiniteOutputError(
@@ -622,7 +647,6 @@ def build_moe(
                 "written: try gate_dtype float32 or other prompts"
             )
         degenerate = gate_lib.degenerate_layers(gates) if plan.recipe.gate_mode in PROMPT_GATE_MODES else []
-        notes = list(plan.notes)
         if degenerate:
             notes.append(
                 f"{len(degenerate)} of {plan.num_layers} layer(s) have nearly dependent router rows (condition "

@@ -2,20 +2,25 @@
 
 With ``P_e`` / ``N_e`` the positive / negative prompts of expert ``e`` (each tokenized as ``bos_token + prompt``
 without other special tokens, as MergeKit does) and ``x_l(p)`` a ``[T, H]`` activation of prompt ``p`` at layer
-``l``:
+``l`` (its ``T`` real tokens):
 
-- ``hidden``:      ``x_l`` = the MLP's input (post-attention-layernorm output: what the router will see),
-  ``s_l(p) = mean_t x_l(p)``;  ``v_l = mean_{p∈P_e} s_l(p) − mean_{p∈N_e} s_l(p)``  (no negatives: no second term)
-- ``hidden_last``: ``x_l`` = the layer's input (``output_hidden_states[l]``), ``s_l(p)`` = its last token
-- ``hidden_avg``:  ``x_l`` = the layer's input, ``s_l(p) = mean_t x_l(p)``
+- ``hidden`` (MergeKit's; ``hidden_last`` is MergeKit's synonym): ``x_l`` = the layer's input (the residual
+  stream, ``output_hidden_states[l]``), ``s_l(p)`` = its last token;
+  ``v_l = mean_{p∈P_e} s_l(p) − mean_{p∈N_e} s_l(p)``  (no negatives: no second term)
+- ``hidden_avg`` (MergeKit's): ``x_l`` = the layer's input, ``s_l(p) = mean_t x_l(p)`` over the real tokens
+  (MergeKit's mean also counts its left padding when the prompts of one list differ in length)
+- ``hidden_mlp`` (transfuse's): ``x_l`` = the MLP's input (post-attention-layernorm output: what the router will
+  see), ``s_l(p) = mean_t x_l(p)``
 - ``cheap_embed``: ``u(P) = Σ_{p∈P} Σ_t E[token_t(p)]`` (embedding rows, no forward pass), ``û = u / ‖u‖``;
   ``v = û(P_e) − û(N_e)``, the same for every layer
 - every prompt mode then normalises ``row_{l,e} = v_l / max(‖v_l‖₂, 1e-8)`` (MergeKit's formula).
 - ``random``: ``N(0, 1)`` rows; ``uniform_random``: ``U(−1/√H, 1/√H)`` rows; each layer's ``[E, H]`` from a
   generator seeded by ``blake2b(seed, router tensor name)``, so the result does not depend on anything else.
 
-Each prompt is run alone (batch 1), so no padding enters a mean; activations are computed in ``dtype``
-(float32 by default).
+The distinct prompts of all experts run through the base in right-padded batches with an attention mask (longest
+first, at most ``BATCH_TOKENS`` padded tokens a batch); the base being causal, a real token never sees padding, and
+the summaries read real tokens only, so the rows equal the one-prompt-at-a-time computation (tested).  Activations
+are computed in ``dtype`` (float32 by default) and reduced in float32.
 """
 
 from __future__ import annotations
@@ -93,13 +98,33 @@ def cheap_embed_gates(
     return torch.stack(rows).unsqueeze(0).repeat(num_layers, 1, 1)
 
 
-class HiddenStateProbe:
-    """The base model (transformers, no LM head) on CPU, with hooks on each layer's MLP input."""
+class _StopForward(Exception):
+    """Raised by the last layer's hook: the rest of the forward pass is not needed."""
 
-    def __init__(self, model_dir: str | Path, dtype: torch.dtype) -> None:
+
+# gate_mode -> (where the activation is read, how a prompt's tokens are reduced)
+HIDDEN_MODES = {
+    "hidden": ("layer_input", "last"),
+    "hidden_last": ("layer_input", "last"),  # MergeKit 0.1.5 accepts it as a synonym of hidden
+    "hidden_avg": ("layer_input", "mean"),
+    "hidden_mlp": ("mlp_input", "mean"),
+}
+BATCH_TOKENS = 8192  # padded tokens per forward pass (batch size x longest prompt of the batch)
+BATCH_PROMPTS = 64
+
+
+class HiddenStateProbe:
+    """The base model (transformers, no LM head) on CPU, with forward pre-hooks on each decoder layer
+    (``site="layer_input"``: the residual stream entering the layer, ``output_hidden_states[l]``) or on each
+    layer's MLP (``site="mlp_input"``: the post-attention-layernorm output).  The hooks reduce each prompt's
+    activation over its real tokens as the batch passes, so memory holds ``[L, B, H]``, not every activation."""
+
+    def __init__(self, model_dir: str | Path, dtype: torch.dtype, site: str = "layer_input") -> None:
         import transformers
         from transformers import AutoModel
 
+        if site not in ("layer_input", "mlp_input"):
+            raise ValueError(f"site must be layer_input or mlp_input, got {site!r}")
         key = "dtype" if _transformers_major_minor(transformers.__version__) >= (4, 56) else "torch_dtype"
         verbosity = transformers.logging.get_verbosity()
         transformers.logging.set_verbosity_error()  # "lm_head.weight UNEXPECTED": the head is not needed here
@@ -107,7 +132,7 @@ class HiddenStateProbe:
             self.model = AutoModel.from_pretrained(str(model_dir), **{key: dtype}).eval()
         except (OSError, ValueError, RuntimeError) as exc:
             raise ConfigError(
-                f"cannot load the base {model_dir} with transformers for gate_mode hidden: {exc}"
+                f"cannot load the base {model_dir} with transformers for the hidden gate modes: {exc}"
             ) from exc
         finally:
             transformers.logging.set_verbosity(verbosity)
@@ -117,47 +142,123 @@ class HiddenStateProbe:
                 f"the base {model_dir} loads as {type(self.model).__name__}, which has no `layers`"
             )
         self.layers = list(layers)
-        self._mlp_inputs: list[torch.Tensor | None] = [None] * len(self.layers)
-        self._hooks = [
-            layer.mlp.register_forward_pre_hook(self._capture(i)) for i, layer in enumerate(self.layers)
-        ]
+        self.site = site
+        self._reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._summaries: list[torch.Tensor | None] = [None] * len(self.layers)
+        if site == "layer_input":
+            self._hooks = [
+                layer.register_forward_pre_hook(self._capture(i), with_kwargs=True)
+                for i, layer in enumerate(self.layers)
+            ]
+        else:
+            self._hooks = [
+                layer.mlp.register_forward_pre_hook(self._capture(i), with_kwargs=True)
+                for i, layer in enumerate(self.layers)
+            ]
 
     def _capture(self, i: int):
-        def hook(module, args):
-            self._mlp_inputs[i] = args[0].detach()
+        last = i == len(self.layers) - 1
+
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            self._summaries[i] = self._reduce(x.detach())  # type: ignore[misc]
+            if last:  # nothing after the last layer's input (or its MLP's) enters a summary: skip the rest
+                raise _StopForward
 
         return hook
 
-    def activations(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(layer inputs, MLP inputs)`` of one prompt, each ``[L, T, H]`` float32."""
-        with torch.no_grad():
-            out = self.model(input_ids=ids.unsqueeze(0), output_hidden_states=True, return_dict=True)
-        layer_inputs = torch.stack([h[0] for h in out.hidden_states[: len(self.layers)]]).float()
-        mlp_inputs = torch.stack([h[0] for h in self._mlp_inputs]).float()  # type: ignore[index]
-        return layer_inputs, mlp_inputs
+    def summaries(self, prompts: Sequence[torch.Tensor], reduce: str) -> torch.Tensor:
+        """``[B, L, H]`` float32: each prompt's activation at each layer, at its last token (``reduce="last"``)
+        or averaged over its tokens (``"mean"``).  The prompts run as one right-padded batch with an attention
+        mask; padding positions never enter a summary (and, the model being causal, never reach a real token)."""
+        if reduce not in ("last", "mean"):
+            raise ValueError(f"reduce must be last or mean, got {reduce!r}")
+        lengths = torch.tensor([len(ids) for ids in prompts], dtype=torch.long)
+        width = int(lengths.max())
+        input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            input_ids[row, : len(ids)] = ids
+            mask[row, : len(ids)] = 1
+        real = mask.unsqueeze(-1).float()  # [B, T, 1]
+        counts = lengths.unsqueeze(1).float()  # [B, 1]
+        last = lengths - 1
+        rows = torch.arange(len(prompts))
+
+        def summarise(x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, H] float32
+            if reduce == "last":
+                return x[rows, last].float()
+            return (x.float() * real).sum(dim=1) / counts
+
+        self._reduce = summarise
+        self._summaries = [None] * len(self.layers)
+        try:
+            with torch.no_grad():
+                self.model(input_ids=input_ids, attention_mask=mask, use_cache=False, return_dict=True)
+        except _StopForward:
+            pass
+        finally:
+            self._reduce = None
+        if any(s is None for s in self._summaries):
+            raise ConfigError("the base's forward pass did not run every layer; cannot compute hidden gates")
+        return torch.stack(self._summaries, dim=1)  # type: ignore[arg-type]
 
     def close(self) -> None:
         for hook in self._hooks:
             hook.remove()
+        self._hooks = []
         del self.model
         self.layers = []
 
 
+def prompt_batches(
+    prompts: Sequence[torch.Tensor], max_tokens: int = BATCH_TOKENS, max_prompts: int = BATCH_PROMPTS
+) -> list[list[int]]:
+    """Indices of ``prompts`` grouped into batches, longest first (so little padding), each holding at most
+    ``max_prompts`` prompts and ``max_tokens`` padded tokens (a longer prompt runs alone)."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches:
+            batch = batches[-1]
+            width = len(prompts[batch[0]])  # the longest, as the batch is filled longest first
+            if len(batch) < max_prompts and (len(batch) + 1) * width <= max_tokens:
+                batch.append(i)
+                continue
+        batches.append([i])
+    return batches
+
+
 def hidden_gates(
-    probe: HiddenStateProbe, mode: str, tokenized: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]]
+    probe: HiddenStateProbe,
+    mode: str,
+    tokenized: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]],
+    *,
+    max_tokens: int = BATCH_TOKENS,
+    max_prompts: int = BATCH_PROMPTS,
 ) -> torch.Tensor:
-    """``[L, E, H]`` rows from the base's activations on the prompts (``mode``: hidden / hidden_last / hidden_avg)."""
+    """``[L, E, H]`` rows from the base's activations on the prompts (``mode``: one of ``HIDDEN_MODES``).
 
-    def summary(ids: torch.Tensor) -> torch.Tensor:
-        layer_inputs, mlp_inputs = probe.activations(ids)
-        if mode == "hidden":
-            return mlp_inputs.mean(dim=1)
-        if mode == "hidden_avg":
-            return layer_inputs.mean(dim=1)
-        return layer_inputs[:, -1, :]
+    Every distinct prompt of every expert runs once, in padded batches (``max_prompts=1``: one at a time)."""
+    site, reduce = HIDDEN_MODES[mode]
+    if site != probe.site:
+        raise ValueError(f"gate_mode {mode} reads {site}, the probe hooks {probe.site}")
+    unique: dict[tuple[int, ...], int] = {}
+    prompts: list[torch.Tensor] = []
+    for positive, negative in tokenized:
+        for ids in (*positive, *negative):
+            key = tuple(ids.tolist())
+            if key not in unique:
+                unique[key] = len(prompts)
+                prompts.append(ids)
+    summaries: list[torch.Tensor | None] = [None] * len(prompts)
+    for batch in prompt_batches(prompts, max_tokens, max_prompts):
+        out = probe.summaries([prompts[i] for i in batch], reduce)
+        for row, i in enumerate(batch):
+            summaries[i] = out[row]
 
-    def mean_over(prompts: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack([summary(ids) for ids in prompts]).mean(dim=0)
+    def mean_over(group: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([summaries[unique[tuple(ids.tolist())]] for ids in group]).mean(dim=0)  # type: ignore[misc]
 
     rows = []
     for positive, negative in tokenized:
@@ -187,11 +288,15 @@ def _transformers_major_minor(version: str) -> tuple[int, int]:
 
 
 __all__ = [
+    "BATCH_PROMPTS",
+    "BATCH_TOKENS",
+    "HIDDEN_MODES",
     "HiddenStateProbe",
     "cheap_embed_gates",
     "degenerate_layers",
     "hidden_gates",
     "normalize_rows",
+    "prompt_batches",
     "random_gates",
     "seeded_generator",
     "tokenize_prompts",

@@ -4,7 +4,8 @@ Accepted keys (MergeKit's spelling)::
 
     base_model: PATH                 # attention, norms, embeddings and LM head come from here
     architecture: mixtral            # optional; the only output kind built (Mixtral)
-    gate_mode: hidden                # hidden | hidden_last | hidden_avg | cheap_embed | random | uniform_random
+    gate_mode: hidden                # hidden | hidden_avg | cheap_embed | random | uniform_random (MergeKit's),
+                                     # hidden_mlp (transfuse's); hidden_last = hidden (MergeKit's synonym)
     dtype: bfloat16                  # output dtype (default: the base's)
     experts_per_token: 2             # Mixtral's num_experts_per_tok
     tokenizer_source: base           # optional; only the base's tokenizer (copied as it is)
@@ -31,17 +32,22 @@ from transfuse.dtypes import DTYPE_NAMES
 from transfuse.errors import RecipeError
 from transfuse.recipe import load_yaml_bounded
 
-# gate_mode -> what the router rows are computed from (docs/moe.md has the formulas).
+# gate_mode -> what the router rows are computed from (docs/moe.md has the formulas).  hidden, hidden_avg,
+# cheap_embed, random and uniform_random are MergeKit 0.1.5's (hidden_last: its synonym of hidden); hidden_mlp is
+# transfuse's own.
 GATE_MODES = {
-    "hidden": "each layer's MLP input (post-attention-layernorm output), mean over the prompt's tokens",
-    "hidden_last": "each layer's input (the residual stream), last token of the prompt: MergeKit's `hidden`",
-    "hidden_avg": "each layer's input (the residual stream), mean over the prompt's tokens: MergeKit's "
-    "`hidden_avg`",
+    "hidden": "each layer's input (the residual stream), last token of the prompt (MergeKit's `hidden`)",
+    "hidden_avg": "each layer's input (the residual stream), mean over the prompt's tokens (MergeKit's "
+    "`hidden_avg`)",
+    "hidden_mlp": "each layer's MLP input (post-attention-layernorm output, what the router sees), mean over the "
+    "prompt's tokens (transfuse's; not in MergeKit)",
     "cheap_embed": "the prompts' token embeddings, summed (no forward pass); the same row for every layer",
     "random": "standard normal rows, seeded",
     "uniform_random": "uniform rows in ±1/sqrt(hidden_size) (torch.nn.Linear's initialisation), seeded",
+    "hidden_last": "the same as `hidden` (MergeKit 0.1.5 accepts it as a synonym)",
 }
-PROMPT_GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "cheap_embed")
+HIDDEN_GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "hidden_mlp")  # these run the base
+PROMPT_GATE_MODES = (*HIDDEN_GATE_MODES, "cheap_embed")
 ARCHITECTURES = ("mixtral",)
 
 TOP_LEVEL_KEYS = {
