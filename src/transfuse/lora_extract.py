@@ -187,7 +187,8 @@ def extract_lora(
                 power_iterations=power_iterations,
                 seed=seed,
             )
-            tensors, result = extractor.run(progress, base_name=str(base))
+            # absolute, so AutoPeftModel finds the base from any folder
+            tensors, result = extractor.run(progress, base_name=os.path.abspath(Path(base).expanduser()))
         finally:
             ft_ckpt.close()
     finally:
