@@ -56,6 +56,7 @@ SMALL_GRID_VALUES: dict[str, tuple[float, float]] = {
     "iso_c": (1.5, 2.0),
     "iso_cts": (1.5, 2.0),
     "slerp": (0.25, 0.75),
+    "nearswap": (1e-4, 1e-3),  # t on the scale of |delta| (the full grid's 1e-4 ... 1e-2)
 }
 
 
