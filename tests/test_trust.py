@@ -232,7 +232,7 @@ def test_float16_output_beyond_65504_is_refused_naming_the_cast(tmp_path):
         "base_model": str(files["base"]),
         "models": [str(files["a"])],
     }
-    with pytest.raises(NonFiniteOutputError, match="overflow float16.*65504"):
+    with pytest.raises(NonFiniteOutputError, match="beyond float16's range.*65504"):
         transfuse.merge(recipe, tmp_path / "out", dtype="float16", progress=False)
     assert not (tmp_path / "out").exists()
     transfuse.merge(recipe, tmp_path / "out", dtype="float32", progress=False)  # the advice works
@@ -284,24 +284,36 @@ def test_a_config_whose_vocab_disagrees_with_the_merged_rows_is_refused(ex, bigg
         transfuse.merge(recipe_file(ex, recipe), tmp_path / "out", progress=False)
 
 
-@pytest.mark.parametrize(
-    "content, fragment",
-    [
-        ("{not json", "cannot read model config"),
-        ('{"model_type": "no_such_model"}', "transformers cannot read"),
-    ],
-)
-def test_an_invalid_base_config_is_refused_before_any_work(ex, tmp_path, monkeypatch, content, fragment):
+def test_a_base_config_that_is_not_json_is_refused_before_any_work(ex, tmp_path, monkeypatch):
     import transfuse.api
 
-    (ex / "base" / "config.json").write_text(content)
+    (ex / "base" / "config.json").write_text("{not json")
 
     def never(*args, **kwargs):
-        raise AssertionError("the merge started before the config was checked")
+        raise AssertionError("the merge started before the config was read")
 
     monkeypatch.setattr(transfuse.api, "run_plan", never)
-    with pytest.raises(ConfigError, match=fragment):
+    with pytest.raises(ConfigError, match="cannot read model config"):
         transfuse.merge(ex / "recipe.yaml", tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ({"model_type": "no_such_model"}, "no_such_model"),
+        ({"model_type": "llama", "num_attention_heads": 5}, "not a multiple"),
+    ],
+)
+def test_a_config_transformers_rejects_is_never_published(ex, tmp_path, config, fragment):
+    """Checked beside the first tensors (transformers' import costs seconds), before anything is published; the
+    dry run checks it up front."""
+    path = ex / "base" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **config}))
+    with pytest.raises(ConfigError, match=f"transformers cannot read.*{fragment}"):
+        transfuse.merge(ex / "recipe.yaml", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    result = cli("merge", str(ex / "recipe.yaml"), str(tmp_path / "out"), "--dry-run")
+    assert_clean_failure(result, "ConfigError")
 
 
 def test_every_example_output_loads_with_transformers_with_its_tokenizer(ex, tmp_path):

@@ -7,6 +7,7 @@ import keyword
 import math
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from transfuse.engine import MergeStats, iter_merged, run_plan
 from transfuse.errors import (
     InsufficientMemoryError,
     InvalidOptionError,
-    NonFiniteOutputError,
     OutputExistsError,
     OutputOverlapsInputError,
     ParameterError,
@@ -26,7 +26,7 @@ from transfuse.errors import (
 )
 from transfuse.io.state_dict import StateDictCheckpoint
 from transfuse.io.writer import ShardedWriter, config_files, is_tokenizer_file
-from transfuse.plan import MergePlan, build_plan
+from transfuse.plan import MergePlan, build_plan, check_output_config
 from transfuse.recipe import Recipe
 
 
@@ -168,36 +168,6 @@ def check_memory(plan: MergePlan, threads: int | None, device: torch.device) -> 
         )
 
 
-def finite_output(plan: MergePlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
-    """Return ``tensor`` when it is finite; else ``NonFiniteOutputError`` naming the tensor and the likely cause.
-
-    One float32-accumulated sum over the output (NaN/Inf make it non-finite); only when that sum is not
-    finite is the tensor scanned to tell an overflowing sum of finite values from real inf/NaN.
-    """
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return tensor
-    acc = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-    if torch.isfinite(tensor.sum(dtype=acc)):
-        return tensor
-    bad = int((~torch.isfinite(tensor)).sum())
-    if bad == 0:
-        return tensor
-    job = next(j for j in plan.jobs if j.name == name)
-    weights = job.model_params.get("weight", ())
-    scale = {k: v for k, v in job.global_params.items() if k in ("lambda", "alpha", "scale")}
-    cause = (
-        f"the merged values overflow {str(tensor.dtype).removeprefix('torch.')} (largest finite "
-        f"{torch.finfo(tensor.dtype).max:g}) when cast to the output dtype, or "
-        if tensor.dtype.itemsize < 4
-        else ""
-    )
-    raise NonFiniteOutputError(
-        f"merged tensor {name!r} holds {bad} inf/NaN value(s) of {tensor.numel()}: {cause}the method overflowed "
-        f"float32 (weights {list(weights)}{f', {scale}' if scale else ''}). Nothing was written: lower the "
-        "weights or scale, or choose a wider output dtype (--dtype float32)"
-    )
-
-
 def load_recipe(recipe: Recipe | Mapping[str, Any] | str | Path) -> Recipe:
     if isinstance(recipe, Recipe):
         return recipe
@@ -264,11 +234,18 @@ def merge(
             out_dir, max_shard_bytes=max_shard, metadata=metadata, overwrite=overwrite
         ) as writer:
             writer.expect([(job.name, job.shape, job.out_dtype) for job in plan.jobs])
+            # transformers' config check runs beside the first tensors (its import costs 1-3 s); a failure
+            # stops the merge at the next tensor, and nothing is published either way until it has passed.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-config") as checker:
+                config_checked = checker.submit(check_output_config, plan)
 
-            def add_finite(name: str, tensor: torch.Tensor) -> None:
-                writer.add(name, finite_output(plan, name, tensor))
+                def add(name: str, tensor: torch.Tensor) -> None:
+                    if config_checked.done():
+                        config_checked.result()  # raises the ConfigError, if any
+                    writer.add(name, tensor)
 
-            stats = run_plan(plan, add_finite, device=compute_device, threads=threads, progress=progress)
+                stats = run_plan(plan, add, device=compute_device, threads=threads, progress=progress)
+                config_checked.result()
             if plan.tokenizer_dir is not None:
                 # Tokenizer files come from the tokenizer source, or from the plan when transfuse built the
                 # tokenizer (merged vocabulary, chat template); the rest (generation config...) is copied.
@@ -331,10 +308,7 @@ def merge_state_dicts(
         checkpoints["base"] = StateDictCheckpoint(base, "base")
     recipe = Recipe.from_dict(recipe_dict)
     with build_plan(recipe, checkpoints=checkpoints) as plan:
-        return {
-            name: finite_output(plan, name, t)
-            for name, t in iter_merged(plan, device=validate_device(device))
-        }
+        return dict(iter_merged(plan, device=validate_device(device)))
 
 
 def _recipe_for_state_dicts(

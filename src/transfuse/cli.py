@@ -118,6 +118,7 @@ def merge(
         validate_threads,
     )
     from transfuse.api import merge as run_merge
+    from transfuse.plan import check_output_config
     from transfuse.signals import Terminated, exit_on_termination_signals
 
     try:
@@ -140,6 +141,7 @@ def merge(
                     _print_plan(plan, out_dir)
                     if memory_check:
                         check_memory(plan, threads, compute_device)
+                    check_output_config(plan)
                     scanned = check_inputs_finite(plan, progress=progress)
                     console.print(f"[bold]NaN/Inf[/] none in the {scanned} input tensors read")
                     console.print(f"[green]validation passed[/]; dry run: nothing written to {out_dir}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import keyword
+import math
 import threading
 import time
 from collections import deque
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from transfuse.chunks import SERIAL, ChunkExecutor, pin_to_one_thread
-from transfuse.errors import NonFiniteTensorError
+from transfuse.errors import NonFiniteOutputError, NonFiniteTensorError
 from transfuse.methods.context import MethodContext, MissingStatisticsError
 from transfuse.plan import MergePlan, TensorJob
 
@@ -269,6 +270,38 @@ def method_context(
     )
 
 
+def _check_output_range(job: TensorJob, merged: torch.Tensor) -> None:
+    """``NonFiniteOutputError`` when the merged tensor holds inf/NaN or values its output dtype cannot hold.
+
+    One ``aminmax`` pass over the method's result, before the cast and on the worker that computed it (NaN
+    propagates into min and max); only a failing tensor is scanned again, to count and explain.
+    """
+    if merged.numel() == 0 or not merged.is_floating_point():
+        return
+    low, high = torch.aminmax(merged)
+    limit = torch.finfo(job.out_dtype).max
+    low, high = float(low), float(high)
+    if math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit:
+        return
+    bad_values = ~torch.isfinite(merged)
+    bad = int(bad_values.sum())
+    weights = list(job.model_params.get("weight", ()))
+    scale = {k: v for k, v in job.global_params.items() if k in ("lambda", "alpha", "scale")}
+    settings = f"weights {weights}{f', {scale}' if scale else ''}"
+    out = str(job.out_dtype).removeprefix("torch.")
+    if bad:
+        raise NonFiniteOutputError(
+            f"merged tensor {job.name!r} holds {bad} inf/NaN value(s) of {merged.numel()}: the method overflowed "
+            f"float32 ({settings}). Nothing was written: lower the weights or scale"
+        )
+    over = int((merged.abs() > limit).sum())
+    raise NonFiniteOutputError(
+        f"merged tensor {job.name!r} has {over} value(s) beyond {out}'s range (largest finite {limit:g}; here "
+        f"{max(abs(low), abs(high)):g}), which the cast to the output dtype would turn into inf ({settings}). "
+        "Nothing was written: choose a wider output dtype (--dtype float32) or lower the weights or scale"
+    )
+
+
 def compute(
     plan: MergePlan,
     inputs: _Inputs,
@@ -291,6 +324,7 @@ def compute(
     if spec.takes_context:
         kwargs["ctx"] = method_context(plan, job, device, chunks, statistics)
     merged = spec.fn(inputs.base, inputs.deltas, weights, **kwargs)
+    _check_output_range(job, merged)
     result = merged.to(dtype=job.out_dtype).to("cpu").contiguous()
     storage = result.untyped_storage()
     work = {inputs.base.untyped_storage().data_ptr(), inputs.deltas.untyped_storage().data_ptr()}

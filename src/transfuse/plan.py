@@ -443,7 +443,6 @@ def _output_config(
         ) from None
     if vocab_size is not None:  # the merged vocabulary's rows (tokenizer merging)
         config["vocab_size"] = vocab_size
-    _check_config_loads(config, path)
     vocab = config.get("vocab_size")
     if vocab is not None:
         if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
@@ -458,8 +457,16 @@ def _output_config(
     return path, config
 
 
+def check_output_config(plan: MergePlan) -> None:
+    """``ConfigError`` when transformers cannot read the output's config.json (unknown ``model_type``, fields
+    its config class rejects).  Importing transformers costs 1-3 s, so ``merge`` runs this beside the first
+    tensors (and publishes nothing when it fails); ``--dry-run`` runs it up front."""
+    if plan.config is not None and plan.config_path is not None:
+        _check_config_loads(plan.config, plan.config_path)
+
+
 def _check_config_loads(config: dict, path: Path) -> None:
-    """Let transformers parse the config (its model_type and fields) now rather than after the merge."""
+    """Let transformers parse the config (its model_type and fields) before the output is published."""
     model_type = config.get("model_type")
     if model_type is None or "auto_map" in config:
         return  # nothing to check against / custom code we will not run
@@ -469,9 +476,11 @@ def _check_config_loads(config: dict, path: Path) -> None:
     try:
         AutoConfig.for_model(str(model_type), **fields)
     except Exception as exc:  # ValueError (unknown model_type), TypeError / KeyError (bad fields)
+        root = exc.__cause__ or exc  # validators wrap the real reason
+        reason = " ".join(str(root).split())[:300]
         raise ConfigError(
-            f"transformers cannot read {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the "
-            "merged model would not load with it: fix or replace that file, or set `config_source`"
+            f"transformers cannot read {path} ({type(root).__name__}: {reason}); the merged model would not load "
+            "with it: fix or replace that file, or set `config_source`"
         ) from None
 
 

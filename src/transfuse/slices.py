@@ -33,7 +33,6 @@ from transfuse.plan import (
     TensorJob,
     TensorSource,
     _adapter_base_mismatches,
-    _check_config_loads,
     _output_config,
     _reconcile_rows,
     _tokenizer_dir,
@@ -312,6 +311,4 @@ def _relayered_config(config: dict, layers: int, origins: list[int], path: Path 
         for key, value in list(config.items()):
             if isinstance(value, list) and len(value) == before and all(o < before for o in origins):
                 config[key] = [value[o] for o in origins]
-    if path is not None:
-        _check_config_loads(config, path)
     return config
