@@ -7,7 +7,6 @@ import keyword
 import math
 import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from transfuse.errors import (
 )
 from transfuse.io.state_dict import StateDictCheckpoint
 from transfuse.io.writer import ShardedWriter, config_files, is_tokenizer_file
-from transfuse.plan import MergePlan, build_plan, check_output_config
+from transfuse.plan import ConfigCheck, MergePlan, build_plan
 from transfuse.recipe import Recipe
 
 
@@ -234,18 +233,20 @@ def merge(
             out_dir, max_shard_bytes=max_shard, metadata=metadata, overwrite=overwrite
         ) as writer:
             writer.expect([(job.name, job.shape, job.out_dtype) for job in plan.jobs])
-            # transformers' config check runs beside the first tensors (its import costs 1-3 s); a failure
-            # stops the merge at the next tensor, and nothing is published either way until it has passed.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="transfuse-config") as checker:
-                config_checked = checker.submit(check_output_config, plan)
+            # transformers' config check runs in a child process beside the merge (its import costs 1-3 s);
+            # a failure stops the merge at the next tensor, and nothing is published until it has passed.
+            config_check = ConfigCheck(plan)
+            try:
 
                 def add(name: str, tensor: torch.Tensor) -> None:
-                    if config_checked.done():
-                        config_checked.result()  # raises the ConfigError, if any
+                    if config_check.failed():
+                        config_check.wait()  # raises the ConfigError
                     writer.add(name, tensor)
 
                 stats = run_plan(plan, add, device=compute_device, threads=threads, progress=progress)
-                config_checked.result()
+                config_check.wait()
+            finally:
+                config_check.close()
             if plan.tokenizer_dir is not None:
                 # Tokenizer files come from the tokenizer source, or from the plan when transfuse built the
                 # tokenizer (merged vocabulary, chat template); the rest (generation config...) is copied.

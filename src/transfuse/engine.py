@@ -273,27 +273,31 @@ def method_context(
 def _check_output_range(job: TensorJob, merged: torch.Tensor) -> None:
     """``NonFiniteOutputError`` when the merged tensor holds inf/NaN or values its output dtype cannot hold.
 
-    One ``aminmax`` pass over the method's result, before the cast and on the worker that computed it (NaN
-    propagates into min and max); only a failing tensor is scanned again, to count and explain.
+    One pass over the method's result, before the cast and on the worker that computed it: a sum (0.3 ns per
+    entry here; inf/NaN propagate into it) when the output dtype spans float32's range, ``aminmax`` (0.55 ns)
+    when it is narrower (float16: 65504).  Only a failing tensor is scanned again, to count and explain.
     """
     if merged.numel() == 0 or not merged.is_floating_point():
         return
-    low, high = torch.aminmax(merged)
     limit = torch.finfo(job.out_dtype).max
-    low, high = float(low), float(high)
-    if math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit:
-        return
-    bad_values = ~torch.isfinite(merged)
-    bad = int(bad_values.sum())
+    if limit >= torch.finfo(torch.float32).max * 0.99:  # float32, bfloat16, float64 outputs
+        if math.isfinite(float(merged.sum())) or bool(torch.isfinite(merged).all()):
+            return  # (a finite tensor whose sum overflows is the rare second case)
+        low = high = math.inf
+    else:
+        low, high = (float(v) for v in torch.aminmax(merged))
+        if math.isfinite(low) and math.isfinite(high) and -limit <= low and high <= limit:
+            return
+    bad = int((~torch.isfinite(merged)).sum())
     weights = list(job.model_params.get("weight", ()))
     scale = {k: v for k, v in job.global_params.items() if k in ("lambda", "alpha", "scale")}
     settings = f"weights {weights}{f', {scale}' if scale else ''}"
-    out = str(job.out_dtype).removeprefix("torch.")
     if bad:
         raise NonFiniteOutputError(
             f"merged tensor {job.name!r} holds {bad} inf/NaN value(s) of {merged.numel()}: the method overflowed "
             f"float32 ({settings}). Nothing was written: lower the weights or scale"
         )
+    out = str(job.out_dtype).removeprefix("torch.")
     over = int((merged.abs() > limit).sum())
     raise NonFiniteOutputError(
         f"merged tensor {job.name!r} has {over} value(s) beyond {out}'s range (largest finite {limit:g}; here "
