@@ -516,3 +516,16 @@ def test_merge_state_dicts_takes_lambda_spelled_for_python():
     assert torch.allclose(half["w"], base["w"] + 0.5 * (model["w"] - base["w"]))
     same = transfuse.merge_state_dicts(base, [model], "task_arithmetic", **{"lambda": 0.5})
     assert torch.equal(same["w"], half["w"])
+
+
+def test_the_config_check_in_a_child_process_refuses_too(ex, tmp_path):
+    """A fresh CLI process has not imported transformers: the check runs in a child process beside the merge."""
+    path = ex / "base" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_type": "no_such_model"}))
+    command = [sys.executable, "-c", "from transfuse.cli import app; app()", "merge", str(ex / "recipe.yaml")]
+    proc = subprocess.run(
+        [*command, str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "ConfigError" in proc.stderr and "no_such_model" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

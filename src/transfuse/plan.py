@@ -484,7 +484,8 @@ class ConfigCheck:
     """transformers' check of the output config in a child process, beside the merge.
 
     Importing transformers costs 1-3 s of CPU; in a thread it also holds the GIL that the merge's workers need
-    between torch ops (measured: +3-4 s on a 10 s merge), so it runs as its own process.  ``failed()`` is cheap
+    between torch ops (measured: +3-4 s on a 10 s merge), so it runs as its own process, unless this process has
+    imported transformers' config classes already (then the check takes milliseconds and runs here).  ``failed()`` is cheap
     to poll; ``wait()`` raises ``ConfigError`` if transformers rejected the config.  Nothing is published before
     ``wait()`` returns.
     """
@@ -493,7 +494,14 @@ class ConfigCheck:
         self.path = plan.config_path
         config = plan.config
         self.proc: subprocess.Popen[str] | None = None
+        self.error: ConfigError | None = None
         if config is None or self.path is None or config.get("model_type") is None or "auto_map" in config:
+            return
+        if "transformers.models.auto.configuration_auto" in sys.modules:  # already paid for: check here (ms)
+            try:
+                _check_config_loads(config, self.path)
+            except ConfigError as exc:
+                self.error = exc
             return
         env = {
             **os.environ,
@@ -514,9 +522,11 @@ class ConfigCheck:
         self.proc.stdin.close()
 
     def failed(self) -> bool:
-        return self.proc is not None and self.proc.poll() not in (None, 0)
+        return self.error is not None or (self.proc is not None and self.proc.poll() not in (None, 0))
 
     def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
         if self.proc is None:
             return
         out = self.proc.stdout.read() if self.proc.stdout else ""
