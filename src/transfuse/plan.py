@@ -368,7 +368,8 @@ def _plan_tensors(
             )
         )
     config_path, config = _output_config(recipe, base, base_label, jobs, notes, vocab_size=vocab_size)
-    tokenizer_dir = base.config_dir if vocab_size is not None else _tokenizer_dir(recipe, base, jobs)
+    # The base's tokenizer files are copied unless transfuse builds the tokenizer (tokenizer_files).
+    tokenizer_dir = base.config_dir
     for label, extra in ignored.items():
         notes.append(f"{label}: {len(extra)} tensor(s) absent from the base are not merged, e.g. {extra[:3]}")
     return MergePlan(
@@ -568,12 +569,6 @@ def _check_config_loads(config: dict, path: Path) -> None:
             f"transformers cannot read {path} ({type(root).__name__}: {reason}); the merged model would not load "
             "with it: fix or replace that file, or set `config_source`"
         ) from None
-
-
-def _tokenizer_dir(recipe: Recipe, base: Checkpoint, jobs: list[TensorJob]) -> Path | None:
-    """The dir whose tokenizer files are copied when transfuse does not build the tokenizer itself (the base's;
-    a tokenizer_source other than the base always builds one, with rows aligned by token)."""
-    return base.config_dir
 
 
 def _needs_alignment(spec: TokenizerSpec, base: Checkpoint, models: list[Checkpoint]) -> bool:

@@ -35,7 +35,6 @@ from transfuse.plan import (
     _adapter_base_mismatches,
     _output_config,
     _reconcile_rows,
-    _tokenizer_dir,
     _tokenizer_files,
     count_layers,
     output_dtypes,
@@ -246,7 +245,7 @@ def _plan(recipe: Recipe, open_source, out_dtype: str | None) -> MergePlan:
     config_path, config = _output_config(recipe, config_ckpt, config_ckpt.source, jobs, notes)
     if config is not None:
         config = _relayered_config(config, out_layer, origins, config_path)
-    tokenizer_dir = _tokenizer_dir(recipe, config_ckpt, jobs)
+    tokenizer_dir = config_ckpt.config_dir
     tokenizer_files = _tokenizer_files(recipe, None, tokenizer_dir, [config_ckpt])
     models = []
     labels = []

@@ -30,7 +30,7 @@ from typing import Any
 
 from transfuse.dtypes import DTYPE_NAMES
 from transfuse.errors import RecipeError
-from transfuse.recipe import load_yaml_bounded
+from transfuse.recipe import read_recipe_yaml
 
 # gate_mode -> what the router rows are computed from (docs/moe.md has the formulas).  hidden, hidden_avg,
 # cheap_embed, random and uniform_random are MergeKit 0.1.5's (hidden_last: its synonym of hidden); hidden_mlp is
@@ -92,18 +92,7 @@ class MoeRecipe:
     def load(cls, path: str | Path) -> MoeRecipe:
         """Read a YAML recipe file; relative model paths are taken relative to its folder (else as given)."""
         path = Path(path)
-        if not path.is_file():
-            what = "is a dir, not a file" if path.is_dir() else "does not exist"
-            raise RecipeError(f"MoE recipe file {path} {what}")
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise RecipeError(
-                f"MoE recipe {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
-            ) from None
-        except OSError as exc:
-            raise RecipeError(f"cannot read MoE recipe {path}: {exc.strerror or exc}") from None
-        recipe = cls.from_dict(load_yaml_bounded(text, str(path)), root=path.parent)
+        recipe = cls.from_dict(read_recipe_yaml(path, "MoE recipe"), root=path.parent)
         recipe.source = path
         return recipe
 
