@@ -84,18 +84,20 @@ def _plan(method, base, models, **parameters):
     return build_plan(recipe, checkpoints=checkpoints)
 
 
-def test_every_current_method_is_data_free():
+def test_methods_by_family():
     assert FAMILIES == ("data-free", "needs-statistics", "routed")
-    specs = available_methods()
-    assert all(s.family == "data-free" and s.needs == () and s.outputs == () for s in specs)
-    assert available_methods(family="data-free") == specs
-    assert available_methods(family="needs-statistics") == []
+    free = available_methods(family="data-free")
+    assert all(s.needs == () and s.outputs == () and s.fallback is None for s in free)
+    stats = available_methods(family="needs-statistics")
+    assert {s.name for s in stats} == {"fisher", "regmean"}
+    assert all(s.needs and s.fallback and s.takes_context for s in stats)
+    assert available_methods() == sorted(free + stats, key=lambda s: s.name)
     with pytest.raises(ValueError, match="unknown method family"):
         available_methods(family="data_free")  # type: ignore[arg-type]
 
 
 def test_family_filters_and_the_sweep_refuses_other_families(dummy_method):
-    assert [s.name for s in available_methods(family="needs-statistics")] == [DUMMY]
+    assert DUMMY in [s.name for s in available_methods(family="needs-statistics")]
     assert DUMMY not in {s.name for s in available_methods(family="data-free")}
     assert DUMMY not in {s.name for s in sweepable_methods()}  # the default sweep: data-free only
     assert {s.name for s in sweepable_methods()} == {s.name for s in available_methods(family="data-free")}

@@ -27,6 +27,7 @@ from transfuse.io.state_dict import StateDictCheckpoint
 from transfuse.io.writer import ShardedWriter, config_files, is_tokenizer_file
 from transfuse.plan import ConfigCheck, MergePlan, build_plan
 from transfuse.recipe import Recipe
+from transfuse.statistics.store import ModelStatistics, StatisticsError, StatisticsSet
 
 
 @dataclass
@@ -189,6 +190,22 @@ def plan_merge(
     return build_plan(recipe, out_dtype=dtype, strict_lora_base=strict_lora_base)
 
 
+def plan_statistics(plan: MergePlan) -> StatisticsSet | None:
+    """The statistics files the recipe names, opened and checked against the plan (``None`` for a method that
+    needs none; a data-free method given some gets a warning that they are not used)."""
+    from transfuse.statistics.coverage import statistics_for_plan
+
+    if not plan.spec.needs:
+        named = [m.label for m in plan.recipe.models if m.statistics]
+        if named:
+            plan.warnings.append(
+                f"method {plan.spec.name!r} is {plan.spec.family}: the statistics files of {', '.join(named)} "
+                "are not used"
+            )
+        return None
+    return statistics_for_plan(plan)
+
+
 def merge(
     recipe: Recipe | Mapping[str, Any] | str | Path,
     out_dir: str | Path,
@@ -219,7 +236,9 @@ def merge(
     threads = validate_threads(threads)
     recipe_file = [recipe] if isinstance(recipe, (str, Path)) else []
     with plan_merge(recipe, dtype=dtype, seed=seed, strict_lora_base=strict_lora_base) as plan:
-        check_output_location(out_dir, [*plan.input_paths(), *recipe_file])
+        statistics = plan_statistics(plan)
+        stat_files = [m.statistics for m in plan.recipe.models if m.statistics]
+        check_output_location(out_dir, [*plan.input_paths(), *recipe_file, *stat_files])
         check_output_target(out_dir, overwrite)
         if check_memory_fits:
             check_memory(plan, threads, compute_device)
@@ -243,7 +262,14 @@ def merge(
                         config_check.wait()  # raises the ConfigError
                     writer.add(name, tensor)
 
-                stats = run_plan(plan, add, device=compute_device, threads=threads, progress=progress)
+                stats = run_plan(
+                    plan,
+                    add,
+                    device=compute_device,
+                    threads=threads,
+                    progress=progress,
+                    statistics=statistics,
+                )
                 config_check.wait()
             finally:
                 config_check.close()
@@ -290,6 +316,7 @@ def merge_state_dicts(
     *,
     seed: int = 0,
     device: str = "cpu",
+    statistics: Sequence[ModelStatistics | str | Path] | None = None,
     **params: Any,
 ) -> dict[str, torch.Tensor]:
     """Merge in-memory state dicts with any registered method; returns a new state dict in the base's dtypes.
@@ -299,7 +326,8 @@ def merge_state_dicts(
     ``density``) is a scalar for all models or a sequence with one value per model; global ones are scalars.
     ``base`` may be ``None`` only for methods that need no base (``linear``).  On a CPU with several torch threads
     the tensors merge in parallel on that many single-threaded workers; meanwhile torch's process-wide thread
-    count reads 1 (it is restored on return).
+    count reads 1 (it is restored on return).  ``statistics``: for a statistics-based method (``regmean``,
+    ``fisher``), one ``ModelStatistics`` or statistics file per model, in the order of ``models``.
     """
     if not models:
         raise RecipeError("merge_state_dicts needs at least one model")
@@ -309,7 +337,16 @@ def merge_state_dicts(
         checkpoints["base"] = StateDictCheckpoint(base, "base")
     recipe = Recipe.from_dict(recipe_dict)
     with build_plan(recipe, checkpoints=checkpoints) as plan:
-        return dict(iter_merged(plan, device=validate_device(device)))
+        stacked = None
+        if statistics is not None:
+            from transfuse.statistics.store import stack_statistics
+
+            if len(statistics) != len(models):
+                raise StatisticsError(
+                    f"{len(statistics)} statistics for {len(models)} models; give one per model"
+                )
+            stacked = stack_statistics(statistics)
+        return dict(iter_merged(plan, device=validate_device(device), statistics=stacked))
 
 
 def _recipe_for_state_dicts(

@@ -114,6 +114,7 @@ def merge(
         parse_shard_count,
         parse_size,
         plan_merge,
+        plan_statistics,
         validate_device,
         validate_threads,
     )
@@ -138,7 +139,13 @@ def merge(
                 with plan_merge(recipe, dtype=dtype, seed=seed, strict_lora_base=strict_lora_base) as plan:
                     check_output_location(out_dir, [*plan.input_paths(), recipe])
                     check_output_target(out_dir, overwrite=True)
+                    statistics = plan_statistics(plan)
                     _print_plan(plan, out_dir)
+                    if statistics is not None:
+                        console.print(
+                            f"[bold]statistics[/] {len(statistics)} tensors covered, from "
+                            f"{', '.join(str(p) for p in statistics.paths)}"
+                        )
                     if memory_check:
                         check_memory(plan, threads, compute_device)
                     check_output_config(plan)
@@ -784,3 +791,97 @@ def moe(
 
 if __name__ == "__main__":
     app()
+
+
+# --------------------------------------------------------------------------------------- transfuse statistics
+
+
+@app.command()
+def statistics(
+    model_dir: Annotated[
+        Path, typer.Argument(help="A Hugging Face model dir (config.json, weights, tokenizer).")
+    ],
+    out: Annotated[
+        Path, typer.Argument(help="Output statistics file (.safetensors) for the recipe's `statistics:`.")
+    ],
+    data: Annotated[
+        Path,
+        typer.Option(help='Texts of this model\'s task: one per line, or JSONL {"text": ..., "label": N}.'),
+    ],
+    kind: Annotated[
+        list[str] | None,
+        typer.Option(help="gram (RegMean) and/or fisher (Fisher merging); repeat for both. Default: gram."),
+    ] = None,
+    examples: Annotated[int, typer.Option(help="Use at most this many examples from --data.")] = 256,
+    labels: Annotated[
+        str,
+        typer.Option(
+            help="Fisher labels: sampled (from the model, default), argmax, or given (next tokens of a "
+            "causal LM; the JSONL labels of a classifier)."
+        ),
+    ] = "sampled",
+    max_length: Annotated[int, typer.Option(help="Truncate each text to this many tokens.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 8,
+    device: Annotated[str, typer.Option(help="Compute device: cpu, cuda or cuda:N.")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed of the sampled Fisher labels.")] = 0,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Collect the statistics a data-driven merge reads: input Gram matrices of every linear layer (regmean)
+    and/or the diagonal Fisher of every parameter (fisher), of MODEL_DIR on its task's texts; then name OUT as
+    `statistics:` beside that model in the recipe."""
+    from transfuse.api import check_output_location, validate_device
+    from transfuse.errors import OutputExistsError
+    from transfuse.statistics.model_dir import model_dir_statistics, read_examples
+
+    try:
+        validate_device(device)
+        if examples < 1:
+            raise TransfuseError(f"--examples must be >= 1, got {examples}")
+        check_output_location(out, [model_dir, data])
+        if out.exists() and (out.is_dir() or not overwrite):
+            raise OutputExistsError(f"{out} exists; choose another path or pass --overwrite")
+        texts = read_examples(data, limit=examples)
+        kinds = tuple(kind or ("gram",))
+        with _count_progress(progress, len(texts) * len(kinds), f"statistics of {model_dir.name}") as advance:
+            stats = model_dir_statistics(
+                model_dir,
+                texts,
+                kinds=kinds,
+                labels=labels,
+                max_length=max_length,
+                batch_size=batch_size,
+                device=device,
+                seed=seed,
+                progress=advance,
+            )
+        stats.info["data"] = str(data)
+        stats.save(out)
+    except TransfuseError as exc:
+        _fail(exc)
+        return
+    counts = ", ".join(f"{len(v)} {k}" for k, v in sorted(stats.tensors.items()) if k != "gram_input_dim")
+    console.print(
+        f"[green]wrote[/] {out}: {counts} tensors from {stats.examples} examples ({stats.tokens} tokens) "
+        f"({out.stat().st_size / 1e6:.1f} MB)"
+    )
+
+
+def _count_progress(enabled: bool, total: int, label: str):
+    """A context giving ``advance(n)``: a rich progress bar over ``total`` items (a no-op when disabled)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar():
+        if not enabled:
+            yield lambda n: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err_console
+        ) as p:
+            task = p.add_task(label, total=total)
+            yield lambda n: p.update(task, advance=n)
+
+    return bar()

@@ -253,13 +253,14 @@ def method_context(
     if spec.needs:
         found = statistics.get(job.name) if statistics is not None else None
         missing = [key for key in spec.needs if found is None or key not in found]
-        if missing:
+        if missing and not (spec.fallback is not None and len(missing) == len(spec.needs)):
             raise MissingStatisticsError(
                 f"method {spec.name!r}: no {', '.join(repr(m) for m in missing)} statistics for tensor "
                 f"{job.name!r}"
             )
-        assert found is not None
-        given = {key: found[key].to(device) for key in spec.needs}
+        if found is not None and not missing:
+            keys = [*spec.needs, *(k for k in spec.optional_statistics if k in found)]
+            given = {key: found[key].to(device) for key in keys}
     return MethodContext(
         name=job.name,
         device=device,

@@ -78,6 +78,8 @@ class ModelEntry:
     path: str
     parameters: dict[str, Setting] = field(default_factory=dict)
     lora: str | None = None  # a LoRA adapter applied on top of `path` ("model+lora" syntax)
+    # transfuse: this model's statistics file (Gram matrices, Fisher) for a statistics-based method
+    statistics: str | None = None
 
     @property
     def label(self) -> str:
@@ -193,7 +195,10 @@ class Recipe:
                 raise RecipeError("`models` must be a non-empty list of {model: PATH, parameters: {...}}")
             for i, entry in enumerate(raw_models):
                 path, lora, params, _ = _parse_input(entry, f"models[{i}]", resolve, slice_source=False)
-                models.append(ModelEntry(path=path, parameters=params, lora=lora))
+                stats = entry.get("statistics") if isinstance(entry, dict) else None
+                if stats is not None:
+                    stats = resolve(stats, f"models[{i}].statistics")
+                models.append(ModelEntry(path=path, parameters=params, lora=lora, statistics=stats))
             _refuse_duplicates(models)
         else:
             slices = _parse_slices(data.get("slices"), resolve)
@@ -365,7 +370,11 @@ class Recipe:
                 out["slices"].append(entry)
         else:
             out["models"] = [
-                {"model": model(m.path, m.lora), **({"parameters": m.parameters} if m.parameters else {})}
+                {
+                    "model": model(m.path, m.lora),
+                    **({"parameters": m.parameters} if m.parameters else {}),
+                    **({"statistics": where(m.statistics)} if m.statistics else {}),
+                }
                 for m in self.models
             ]
         if self.parameters:
@@ -419,7 +428,14 @@ def _parse_input(
         entry = {"model": entry}
     if not isinstance(entry, dict) or "model" not in entry:
         raise RecipeError(f"{where} must be a mapping with a `model` key, got {entry!r}")
-    allowed = {"model", "parameters", "layer_range"} if slice_source else {"model", "parameters"}
+    allowed = (
+        {"model", "parameters", "layer_range"} if slice_source else {"model", "parameters", "statistics"}
+    )
+    if slice_source and "statistics" in entry:
+        raise RecipeError(
+            f"{where}: statistics-based merges of layer slices are not supported yet; merge whole models "
+            "(`models:`) with `statistics:` files"
+        )
     extra = set(entry) - allowed
     if extra:
         raise RecipeError(f"unknown key(s) {sorted(extra)} in {where}; allowed: {', '.join(sorted(allowed))}")

@@ -58,7 +58,9 @@ def test_report_schema(quick_run):
     _, report, _, _ = quick_run
     assert report["schema"] == 1 and report["pool"] == "text8"
     assert report["tasks"] == list(QUICK_TASKS)
-    expected_methods = {s.name for s in available_methods() if s.max_models is None or s.max_models >= 3}
+    expected_methods = {
+        s.name for s in available_methods(family="data-free") if s.max_models is None or s.max_models >= 3
+    }
     assert set(report["results"]) == {"pretrained", "individual", "multitask"} | expected_methods
     assert "slerp" in report["skipped"]
     for name, row in report["results"].items():

@@ -123,7 +123,12 @@ class MethodSpec:
     - ``family``: see ``MethodFamily``.
     - ``needs``: names of the per-tensor statistics the method reads from ``ctx.statistics`` (extra per-tensor
       inputs, e.g. ``"gram"`` for RegMean's input Gram matrices, ``"fisher"`` for Fisher merging); empty for
-      data-free methods.  The engine refuses to run the method unless every job gets all of them.
+      data-free methods.  The engine refuses to run the method without statistics; per tensor, it passes all
+      of them, or none when the tensor has none and the method has a ``fallback``.
+    - ``optional_statistics``: further statistics passed when a tensor has them (e.g. ``"gram_input_dim"``, which
+      of a weight's dims is its input: 0 for GPT-2's Conv1D, 1, the default, for ``nn.Linear``).
+    - ``fallback``: how the method merges a tensor that the statistics do not cover (RegMean: biases, norms and
+      embeddings, which are not linear maps, are averaged); ``None``: every tensor must have statistics.
     - ``outputs``: names of extra per-tensor outputs (e.g. a router's gate); such a method returns
       ``(merged, {name: tensor})``.  Empty: the method returns the merged tensor only.  (No writer places extra
       outputs yet, so the engine refuses such a method with a clear error.)
@@ -151,6 +156,8 @@ class MethodSpec:
     output_scale: str | None = None
     family: MethodFamily = "data-free"
     needs: tuple[str, ...] = ()
+    optional_statistics: tuple[str, ...] = ()
+    fallback: str | None = None
     outputs: tuple[str, ...] = ()
     takes_context: bool = False
 
@@ -193,6 +200,8 @@ def register(
     output_scale: str | None = None,
     family: MethodFamily = "data-free",
     needs: Sequence[str] = (),
+    optional_statistics: Sequence[str] = (),
+    fallback: str | None = None,
     outputs: Sequence[str] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn`` as merge method ``name``.  The summary is the docstring's first line.
@@ -218,6 +227,11 @@ def register(
                 f"merge method {name!r}: a data-free method needs no statistics, any other declares them "
                 f"(family={family!r}, needs={tuple(needs)!r})"
             )
+        if (optional_statistics or fallback) and not needs:
+            raise ValueError(
+                f"merge method {name!r}: optional statistics and a fallback only apply to a method that needs "
+                "statistics"
+            )
         if (random or needs or outputs) and not takes_context:
             raise ValueError(
                 f"merge method {name!r} is random, needs statistics or has extra outputs: declare a "
@@ -240,6 +254,8 @@ def register(
             output_scale=output_scale,
             family=family,
             needs=tuple(needs),
+            optional_statistics=tuple(optional_statistics),
+            fallback=fallback,
             outputs=tuple(outputs),
             takes_context=takes_context,
         )
