@@ -101,14 +101,19 @@ def test_family_filters_and_the_sweep_refuses_other_families(dummy_method):
     assert DUMMY not in {s.name for s in available_methods(family="data-free")}
     assert DUMMY not in {s.name for s in sweepable_methods()}  # the default sweep: data-free only
     assert {s.name for s in sweepable_methods()} == {s.name for s in available_methods(family="data-free")}
-    with pytest.raises(
-        EvaluationError, match=r"needs-statistics method \(needs gram\).*data-free methods only"
-    ):
-        sweepable_methods(["ties", DUMMY])
-    with pytest.raises(EvaluationError, match="data-free methods only"):
-        method_grid(get_method(DUMMY))
-    with pytest.raises(BenchConfigError, match="data-free methods only"):
-        check_config(BenchConfig(methods=(DUMMY,)))
+    assert [s.name for s in sweepable_methods(["ties", DUMMY])] == ["ties", DUMMY]  # named: swept
+    register("test_routed_dummy", paper="x", family="routed", needs=("router",))(
+        lambda base, deltas, weights, *, ctx: base
+    )
+    try:
+        with pytest.raises(EvaluationError, match=r"routed method; the method sweep merges data-free and"):
+            sweepable_methods(["ties", "test_routed_dummy"])
+        with pytest.raises(EvaluationError, match="data-free and statistics-based methods only"):
+            method_grid(get_method("test_routed_dummy"))
+        with pytest.raises(BenchConfigError, match="data-free and statistics-based methods only"):
+            check_config(BenchConfig(methods=("test_routed_dummy",)))
+    finally:
+        unregister("test_routed_dummy")
 
     from transfuse.cli import app
 

@@ -312,7 +312,9 @@ def bench(
     methods: Annotated[
         list[str] | None,
         typer.Option(
-            "--methods", help="Only these merge methods (comma-separated or repeated); default: all."
+            "--methods",
+            help="Only these merge methods (comma-separated or repeated); default: every data-free one. "
+            "Statistics-based ones (regmean, fisher) run when named, on statistics of 256 train examples per task.",
         ),
     ] = None,
     quick: Annotated[

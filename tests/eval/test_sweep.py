@@ -186,3 +186,42 @@ def test_output_scale_methods_merge_once_and_rescale(tiny_backbone, trained, met
     again.unit = unit
     again.state()
     assert calls == []  # the unit merge is reused
+
+
+def test_statistics_methods_get_each_experts_train_statistics(tiny_backbone, suite, trained, tmp_path):
+    from transfuse.eval.expert_statistics import expert_statistics
+    from transfuse.models.head import load_heads
+
+    experts, _ = trained
+    base = Encoder.load(tiny_backbone).state_dict()
+    stats_cache = tmp_path / "stats"
+    result = run_method_sweep(
+        suite, experts, base, ["regmean", "fisher"], grid=False, progress=False,
+        statistics_examples=24, statistics_cache=stats_cache,
+    )  # fmt: skip
+    assert set(result["results"]) == {"regmean", "fisher"}
+    for name in ("regmean", "fisher"):
+        data = result["results"][name]["data"]
+        assert data["split"] == "train" and data["examples_per_task"] == 24
+    assert len(list(stats_cache.glob("*.safetensors"))) == 2  # one file per expert, both kinds in it
+    # The reported numbers are those of a merge with statistics computed independently of the sweep.
+    stats = []
+    for task in suite:
+        expert = experts[task.name]
+        encoder = Encoder.load(expert.path)
+        head = load_heads(expert.path)[task.name]
+        stats.append(expert_statistics(encoder, head, task, ["gram"], examples=24))
+    states = [e.encoder_state_dict() for e in experts.values()]
+    merged = merge_state_dicts(base, states, "regmean", statistics=stats)
+    heads = {n: e.path for n, e in experts.items()}
+    assert (
+        evaluate(merged, heads, suite, backbone_dir=tiny_backbone) == result["results"]["regmean"]["per_task"]
+    )
+    # Fisher of the train split with sampled labels, checked for the one property the sweep relies on: it is
+    # positive somewhere in every linear weight the head depends on (not the unused pooler), so the merge is not
+    # the plain average.
+    fisher = expert_statistics(Encoder.load(experts["colour"].path), load_heads(experts["colour"].path)["colour"],
+                               suite["colour"], ["fisher"], examples=24)  # fmt: skip
+    assert all(bool((t > 0).any()) for n, t in fisher.tensors["fisher"].items()
+               if n.endswith("dense.weight") and not n.startswith("pooler"))  # fmt: skip
+    assert not bool(fisher.tensors["fisher"]["pooler.dense.weight"].any())

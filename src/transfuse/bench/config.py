@@ -57,6 +57,7 @@ SMALL_GRID_VALUES: dict[str, tuple[float, float]] = {
     "iso_cts": (1.5, 2.0),
     "slerp": (0.25, 0.75),
     "nearswap": (1e-4, 1e-3),  # t on the scale of |delta| (the full grid's 1e-4 ... 1e-2)
+    "regmean": (0.5, 1.0),  # alpha around its default 0.9
 }
 
 
@@ -101,11 +102,13 @@ class BenchConfig:
     seed: int = 0
     device: str = "cpu"
     backbone: str | None = None
+    # statistics-based methods: train examples per task for each expert's statistics
+    statistics_examples: int = 256
 
     def __post_init__(self) -> None:
         if self.grid not in GRID_CHOICES:
             raise BenchConfigError(f"grid must be one of {', '.join(GRID_CHOICES)}, got {self.grid!r}")
-        for name in ("steps", "batch_size", "max_length"):
+        for name in ("steps", "batch_size", "max_length", "statistics_examples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BenchConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -129,8 +129,10 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     ]
     for name in ordered_rows(report):
         row = results[name]
+        data = row.get("data")
+        label = f"{name} (+data)" if data else name
         lines.append(
-            f"| {'*' + name + '*' if row['kind'] == 'baseline' else name} | {tuned_params(row)} "
+            f"| {'*' + name + '*' if row['kind'] == 'baseline' else label} | {tuned_params(row)} "
             f"| {_fmt(row['mean'])} | {_fmt(row['normalized'])} | {_fmt(row.get('gain_retained'))} "
             f"| {_versus(row.get('vs_task_arithmetic'))} |"
         )
@@ -138,6 +140,17 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
         "*normalized*: mean over tasks of accuracy / the task's expert's accuracy. *gain kept*: mean share of each "
         "expert's gain over the pretrained encoder that the model keeps. Baselines in italics.",
+    ]
+    with_data = [n for n in ordered_rows(report) if results[n].get("data")]
+    if with_data:
+        lines.append("")
+        for name in with_data:
+            d = results[name]["data"]
+            lines.append(
+                f"*{name} (+data)*: also uses {', '.join(d['statistics'])} statistics of each expert on "
+                f"{d['examples_per_task']} {d['split']} examples per task ({d.get('statistics_seconds', 0):.0f} s)."
+            )
+    lines += [
         "",
         "## Accuracy per task",
         "",

@@ -24,7 +24,7 @@ from transfuse.bench.config import BenchConfig, BenchConfigError
 from transfuse.cache_dir import cache_root as default_cache_dir
 from transfuse.data import load_task_suite
 from transfuse.eval.cache import EvaluationCache
-from transfuse.eval.sweep import run_method_sweep
+from transfuse.eval.sweep import SWEEPABLE_FAMILIES, run_method_sweep
 from transfuse.methods import get_method
 from transfuse.models.backbone import Encoder, resolve_backbone_dir
 from transfuse.train import train_experts, train_multitask
@@ -35,10 +35,10 @@ def check_config(config: BenchConfig) -> None:
     if config.methods is not None:
         for name in config.methods:
             spec = get_method(name)  # UnknownMethodError names the methods there are
-            if not spec.data_free:
+            if spec.family not in SWEEPABLE_FAMILIES:
                 raise BenchConfigError(
                     f"method {name!r} is a {spec.family} method; the benchmark merges its experts with "
-                    "data-free methods only (`transfuse methods --family data-free` lists them)"
+                    "data-free and statistics-based methods only (`transfuse methods` lists them by family)"
                 )
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise BenchConfigError(f"device {config.device!r} asked for, but torch sees no CUDA GPU; use cpu")
@@ -112,6 +112,8 @@ def run_bench(
         seed=config.seed,
         progress=progress,
         cache=eval_cache,
+        statistics_examples=config.statistics_examples,
+        statistics_cache=cache / "statistics",
     )
     timings["sweep_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - start

@@ -76,6 +76,8 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "nearswap": {"t": (1e-4, 1e-3, 1e-2)},
     "linear": {},
     "model_stock": {},
+    "regmean": {"alpha": (0.5, 0.9, 1.0)},
+    "fisher": {},
 }
 
 #: For methods not in :data:`DEFAULT_GRIDS`: the first of these knobs the method has.
@@ -87,34 +89,38 @@ FALLBACK_KNOBS: dict[str, tuple[float, ...]] = {
 }
 
 
+#: The families a sweep runs: data-free methods merge from the weights alone; statistics-based ones also get
+#: each expert's statistics computed on its task's train split (see transfuse.eval.expert_statistics).
+SWEEPABLE_FAMILIES = ("data-free", "needs-statistics")
+
+
 def sweepable_methods(methods: Sequence[str] | None = None) -> list[MethodSpec]:
     """The methods a sweep runs: `methods` by name, or every registered data-free method.
 
-    Only data-free methods can be swept here: the sweep merges from weights alone and has no per-tensor
-    statistics (Gram matrices, Fisher information) to give a method that needs them, nor a place for a routed
-    method's extra outputs.  Naming such a method raises ``EvaluationError``.
+    Data-free and statistics-based methods (``needs-statistics``: named explicitly, since they need data) can be
+    swept; a routed method keeps several experts and has no single merged encoder to score here.  Naming one
+    raises ``EvaluationError``.
     """
     if methods is None:
         return available_methods(family="data-free")
     specs = [get_method(m) for m in methods]
     for spec in specs:
-        _require_data_free(spec)
+        _require_sweepable(spec)
     return specs
 
 
-def _require_data_free(spec: MethodSpec) -> None:
-    if not spec.data_free:
-        needs = f" (needs {', '.join(spec.needs)})" if spec.needs else ""
+def _require_sweepable(spec: MethodSpec) -> None:
+    if spec.family not in SWEEPABLE_FAMILIES:
         raise EvaluationError(
-            f"method {spec.name!r} is a {spec.family} method{needs}; the method sweep merges data-free methods "
-            "only, from the experts' weights alone (`transfuse methods --family data-free` lists them)"
+            f"method {spec.name!r} is a {spec.family} method; the method sweep merges data-free and "
+            "statistics-based methods only (`transfuse methods --family data-free` lists the first)"
         )
 
 
 def method_grid(spec: MethodSpec, grids: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The grid points (parameter overrides) tried for `spec`, without the all-defaults point (data-free
+    """The grid points (parameter overrides) tried for `spec`, without the all-defaults point (sweepable
     methods only, see :func:`sweepable_methods`)."""
-    _require_data_free(spec)
+    _require_sweepable(spec)
     if grids is not None and spec.name in grids:
         table = grids[spec.name]
     elif spec.name in DEFAULT_GRIDS:
@@ -171,6 +177,8 @@ def run_method_sweep(
     keep_correct: bool = True,
     progress: bool = True,
     cache: EvaluationCache | None = None,
+    statistics_examples: int = 256,
+    statistics_cache: str | Path | None = None,
 ) -> dict[str, Any]:
     """Merge the experts of `suite`'s tasks with each method, choose its parameters on validation, score on test.
 
@@ -185,7 +193,10 @@ def run_method_sweep(
     - `max_examples`: score only the first `max_examples` test examples of each task (None: all);
       `choice_max_examples`: the same for `split_for_choice` (default: `max_examples`);
     - `cache`: an :class:`~transfuse.eval.cache.EvaluationCache`; evaluations of weights it has seen on the
-      same examples are read from it instead of being run again.
+      same examples are read from it instead of being run again;
+    - `statistics_examples`: for statistics-based methods, the train examples per task each expert's
+      statistics are computed on (:func:`~transfuse.eval.expert_statistics.expert_statistics`; cached in
+      `statistics_cache` when given).  Such a method's result records ``"data"``: what it used.
 
     Returns (JSON-serializable)::
 
@@ -298,6 +309,42 @@ def run_method_sweep(
         f"baselines: pretrained {baselines['pretrained']['mean']:.3f}, experts {baselines['individual']['mean']:.3f}"
     )
 
+    # ---- statistics of the experts, for the methods that need them ---------------------------------------
+    kinds = sorted({kind for spec in specs for kind in spec.needs})
+    expert_stats: list[Any] = []
+    stats_digest = ""
+    stats_seconds = 0.0
+    if kinds:
+        from transfuse.eval.expert_statistics import expert_statistics
+
+        mark = time.perf_counter()
+        for name in names:
+            expert_encoder = Encoder.load(expert_dirs[name], device=device)
+            expert_stats.append(
+                expert_statistics(
+                    expert_encoder,
+                    heads[name],
+                    _task(tasks, name),
+                    kinds,
+                    examples=statistics_examples,
+                    max_length=max_length,
+                    seed=seed,
+                    cache_dir=statistics_cache,
+                )
+            )
+            del expert_encoder
+        stats_seconds = time.perf_counter() - mark
+        if cache is not None:
+            stats_digest = tensors_digest(
+                {
+                    f"{i}/{kind}/{n}": t
+                    for i, st in enumerate(expert_stats)
+                    for kind, by in st.tensors.items()
+                    for n, t in by.items()
+                }  # fmt: skip
+            )
+        log(f"statistics ({', '.join(kinds)}) of {len(names)} experts: {stats_seconds:.1f} s")
+
     # ---- methods --------------------------------------------------------------------------------------
     k = len(names)
     results: dict[str, Any] = {}
@@ -324,18 +371,22 @@ def run_method_sweep(
         tried: list[dict[str, Any]] = []
         best: tuple[float, dict[str, Any], _LazyMerge] | None = None
         unit_merges: dict[str, _LazyMerge] = {}  # output-scale methods: one merge at scale 1 per other-params
+        method_stats = expert_stats if spec.needs else None
         for overrides in candidates:
-            merged = _LazyMerge(spec, base, states, overrides, seed, device)
+            merged = _LazyMerge(spec, base, states, overrides, seed, device, method_stats)
             if spec.output_scale is not None:
                 unit_params = {**overrides, spec.output_scale: 1.0}
                 unit_key = repr(sorted(unit_params.items()))
                 if unit_key not in unit_merges:
-                    unit_merges[unit_key] = _LazyMerge(spec, base, states, unit_params, seed, device)
+                    unit_merges[unit_key] = _LazyMerge(
+                        spec, base, states, unit_params, seed, device, method_stats
+                    )
                 merged.unit = unit_merges[unit_key]
             if cache is not None:
+                keyed = {**overrides, "_statistics": stats_digest} if spec.needs else overrides
                 merged.memo = (
                     cache,
-                    cache.merge_key(spec.name, overrides, seed, base_digest, state_digests, device),
+                    cache.merge_key(spec.name, keyed, seed, base_digest, state_digests, device),
                 )
             try:
                 merged.check()
@@ -368,6 +419,13 @@ def run_method_sweep(
             "candidates": tried,
             "seconds": round(time.perf_counter() - start, 2),
         }
+        if spec.needs:
+            results[spec.name]["data"] = {
+                "statistics": list(spec.needs),
+                "split": "train",
+                "examples_per_task": min(statistics_examples, min(len(t.split("train")) for t in tasks)),
+                "statistics_seconds": round(stats_seconds, 2),
+            }
         correct[spec.name] = _as_lists(hits)
         log(
             f"{spec.name}: test mean {results[spec.name]['mean']:.3f} "
@@ -404,8 +462,10 @@ class _LazyMerge:
         overrides: Mapping[str, Any],
         seed: int,
         device: str,
+        statistics: Sequence[Any] | None = None,
     ) -> None:
         self.spec, self.base, self.states = spec, base, states
+        self.statistics = statistics
         self.overrides, self.seed, self.device = dict(overrides), seed, device
         self.memo: tuple[EvaluationCache, str] | None = None
         self.unit: _LazyMerge | None = None  # the same merge at output scale 1, to rescale (see state())
@@ -450,6 +510,7 @@ class _LazyMerge:
                     self.spec.name,
                     seed=self.seed,
                     device=self.device,
+                    statistics=self.statistics,
                     **self.overrides,
                 )
         return self._state
