@@ -1,0 +1,40 @@
+"""Routed (task-conditioned) models: a shared module plus small per-task parts, run with a task per example.
+
+- :mod:`transfuse.routed.model`: ``RoutedModel`` (grouping a mixed-task batch, materialising one task's
+  parameters at a time) and the ``TaskParts`` protocol a method implements;
+- :mod:`transfuse.routed.emr`: EMR-Merging's math and its builder ``emr_merge``;
+- :mod:`transfuse.routed.store`: the on-disk format, ``save_routed`` and ``load``;
+- :mod:`transfuse.routed.storage`: bytes of the shared and per-task parts against K full experts;
+- :mod:`transfuse.routed.bitpack`: masks at 1 bit per entry.
+"""
+
+from __future__ import annotations
+
+from transfuse._lazy import lazy_exports
+
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "RoutedModel": "model",
+        "TaskParts": "model",
+        "EMRParts": "emr",
+        "emr_merge": "emr",
+        "save_routed": "store",
+        "load": "store",
+        "RoutedStorage": "storage",
+        "routed_storage": "storage",
+        "emr_storage_estimate": "storage",
+    },
+)
+
+__all__ = [
+    "EMRParts",
+    "RoutedModel",
+    "RoutedStorage",
+    "TaskParts",
+    "emr_merge",
+    "emr_storage_estimate",
+    "load",
+    "routed_storage",
+    "save_routed",
+]
