@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from transfuse.api import merge, merge_state_dicts
     from transfuse.data.task import load_task_suite
     from transfuse.eval.harness import evaluate
+    from transfuse.routed.store import load
     from transfuse.select.rank import rank_sources
 
 # public name -> the module of this package that defines it
@@ -33,8 +34,9 @@ _DEFINED_IN = {
     "merge_state_dicts": "api",
     "load_task_suite": "data.task",
     "evaluate": "eval.harness",
+    "load": "routed.store",
     "rank_sources": "select.rank",
 }
 # a literal list, so that type checkers see the public API (the TYPE_CHECKING imports above)
-__all__ = ["__version__", "evaluate", "load_task_suite", "merge", "merge_state_dicts", "rank_sources"]
+__all__ = ["__version__", "evaluate", "load", "load_task_suite", "merge", "merge_state_dicts", "rank_sources"]
 __getattr__, __dir__ = lazy_exports(__name__, _DEFINED_IN)
