@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import transfuse
 from transfuse.errors import MissingTensorError, RecipeError
@@ -268,3 +268,45 @@ def test_slice_recipe_round_trips_and_replays(llamas, tmp_path):
     transfuse.merge(tmp_path / "a" / "recipe.yaml", tmp_path / "b", progress=False)
     a, b = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unscaled_passthrough_tensors_are_byte_copies_read_once(llamas, tmp_path):
+    from transfuse.api import plan_merge
+    from transfuse.errors import NonFiniteTensorError
+
+    recipe = _absolute(
+        {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": "ft0", "layer_range": [0, 2]}]},
+                {"sources": [{"model": "ft1", "layer_range": [1, 4],
+                              "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}, {"value": 1.0}]}}]},
+            ],
+        },
+        llamas,
+    )  # fmt: skip
+    with plan_merge(recipe) as plan:
+        copied = {j.name for j in plan.jobs if not j.merge}
+        merged = {j.name for j in plan.jobs if j.merge}
+    assert merged and all("o_proj" in n and int(n.split(".")[2]) >= 2 for n in merged)  # the scaled ones only
+    assert "model.layers.0.self_attn.q_proj.weight" in copied and "lm_head.weight" in copied
+    with plan_merge({**recipe, "dtype": "bfloat16"}) as plan:  # a cast is not a copy
+        assert all(j.merge for j in plan.jobs)
+    transfuse.merge(recipe, tmp_path / "out", progress=False)
+    out, ft1 = _tensors(tmp_path / "out"), _tensors(llamas / "ft1")
+    assert torch.equal(out["model.layers.2.mlp.up_proj.weight"], ft1["model.layers.1.mlp.up_proj.weight"])
+    torch.testing.assert_close(
+        out["model.layers.2.self_attn.o_proj.weight"], 0.5 * ft1["model.layers.1.self_attn.o_proj.weight"]
+    )
+    # A copied tensor is scanned as merged inputs are: a NaN in it is refused, nothing is written.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (llamas / "ft0").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(broken / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    recipe["slices"][0]["sources"][0]["model"] = str(broken)
+    with pytest.raises(NonFiniteTensorError, match=r"down_proj.*NaN/Inf"):
+        transfuse.merge(recipe, tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()

@@ -116,6 +116,15 @@ def _load(
     base_in = plan.base_input(job)
     raw_base = base_in.checkpoint.tensor(base_in.name)
     if not job.merge:
+        # A copied float tensor (passthrough at scale 1) is published as it is: scan it as merged inputs are.
+        if check_finite and raw_base.is_floating_point() and raw_base.numel():
+            total = raw_base.sum(dtype=torch.float32)
+            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(raw_base).all()):
+                bad = int((~torch.isfinite(raw_base)).sum())
+                raise NonFiniteTensorError(
+                    f"tensor {base_in.name!r} of {base_in.label} holds {bad} NaN/Inf value(s); fix or re-export "
+                    "it, or drop that model from the recipe"
+                )
         return _Inputs(job, raw_base, None)
     model_ins = plan.model_inputs(job)
     k = len(model_ins)

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -78,7 +79,7 @@ class TensorJob:
     name: str
     shape: tuple[int, ...]
     out_dtype: torch.dtype
-    merge: bool  # False: copied from the base unchanged (integer buffers)
+    merge: bool  # False: copied from the base unchanged (integer buffers; passthrough's unscaled tensors)
     global_params: dict[str, ParamValue] = field(default_factory=dict)
     model_params: dict[str, tuple[float, ...]] = field(default_factory=dict)  # per-model, incl. "weight"
     model_rows: tuple[
@@ -92,6 +93,21 @@ class TensorJob:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+def copies_input(
+    spec: MethodSpec,
+    model_params: dict[str, tuple[float, ...]],
+    k: int,
+    has_base: bool,
+    out_dtype: torch.dtype,
+    info: Any,
+) -> bool:
+    """Whether a float tensor's merge is its one input unchanged, so the plan can copy its bytes: a method with
+    an ``identity_param`` (passthrough) at 1, one model, no base, the output in the input's dtype and shape."""
+    if spec.identity_param is None or k != 1 or has_base or out_dtype != info.dtype:
+        return False
+    return tuple(model_params.get(spec.identity_param, (1.0,))) == (1.0,)
 
 
 @dataclass
@@ -354,6 +370,10 @@ def _plan_tensors(
         nbytes = math.prod(info.shape) * info.dtype.itemsize + sum(
             math.prod(mi.shape) * mi.dtype.itemsize for mi in infos
         )
+        if is_float and copies_input(
+            spec, model_params, len(models), recipe.base_model is not None, dtype, info
+        ):
+            is_float = False  # one model, no base, identity parameters: its bytes, read once
         jobs.append(
             TensorJob(
                 name=name,

@@ -36,6 +36,7 @@ from transfuse.plan import (
     _output_config,
     _reconcile_rows,
     _tokenizer_files,
+    copies_input,
     count_layers,
     output_dtypes,
     resolve_params,
@@ -199,6 +200,12 @@ def _plan(recipe: Recipe, open_source, out_dtype: str | None) -> MergePlan:
                 if problem is not None:
                     raise ParameterError(f"{spec.name}, tensor {out_name!r} ({where}): {problem}")
         dtype = (forced_dtype or recipe_dtype or info.dtype) if is_float else info.dtype
+        if (
+            is_float
+            and not model_rows
+            and copies_input(spec, model_params, len(model_ins), base_src is not None, dtype, info)
+        ):
+            is_float = False  # passthrough at scale 1: the source tensor's bytes, read once
         nbytes = math.prod(info.shape) * info.dtype.itemsize
         if is_float:
             nbytes += sum(math.prod(mi.shape) * mi.dtype.itemsize for mi in infos)

@@ -21,6 +21,7 @@ SCALE = ParamSpec(
     max_models=1,
     needs_base=False,
     mergekit_name="passthrough",
+    identity_param="scale",
 )
 def passthrough(base: Tensor, deltas: Tensor, weights: Tensor, *, scale: Tensor) -> Tensor:
     """Passthrough: the single input tensor, times its ``scale``.
@@ -28,7 +29,9 @@ def passthrough(base: Tensor, deltas: Tensor, weights: Tensor, *, scale: Tensor)
     merged = scale * (base + tau_1)   (without a base the one model is its own reference, so tau_1 = 0)
 
     With ``slices:`` each output layer range is copied from one model's layer range, so stacking slices builds
-    a deeper model.  ``weight`` is accepted and ignored, as in MergeKit.  MergeKit: ``passthrough``.
+    a deeper model.  ``weight`` is accepted and ignored, as in MergeKit.  A tensor with ``scale`` 1 kept in
+    its own dtype never reaches this function: the plan copies its bytes (``identity_param``).  MergeKit:
+    ``passthrough``.
     """
     out = deltas[0].add_(base)  # the work buffer is ours (see the method contract)
     return out.mul_(scale[0]) if float(scale[0]) != 1.0 else out

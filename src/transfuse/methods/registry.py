@@ -160,6 +160,9 @@ class MethodSpec:
     fallback: str | None = None
     outputs: tuple[str, ...] = ()
     takes_context: bool = False
+    # A per-model parameter at which the method returns its one input unchanged (passthrough's scale = 1): the
+    # plan then copies that tensor's bytes instead of merging it (same dtype, one model, no base).
+    identity_param: str | None = None
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.all_params:
@@ -203,6 +206,7 @@ def register(
     optional_statistics: Sequence[str] = (),
     fallback: str | None = None,
     outputs: Sequence[str] = (),
+    identity_param: str | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn`` as merge method ``name``.  The summary is the docstring's first line.
 
@@ -258,6 +262,7 @@ def register(
             fallback=fallback,
             outputs=tuple(outputs),
             takes_context=takes_context,
+            identity_param=identity_param,
         )
         return fn
 
