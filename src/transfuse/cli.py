@@ -255,8 +255,11 @@ def methods(
     table = Table(
         "method", "family", "parameters (default) [* = per model]", "MergeKit name", "paper", show_lines=True
     )
+    from transfuse.eval.model_methods import MODEL_METHODS
+
     specs = available_methods(family=family)  # type: ignore[arg-type]
-    if not specs:
+    whole = [m for m in MODEL_METHODS.values() if family is None or m.family == family]
+    if not specs and not whole:
         console.print(f"no {family} methods are registered yet")
         return
     for spec in specs:
@@ -272,6 +275,10 @@ def methods(
             escape(params),
             spec.mergekit_name or "—",
             spec.paper,
+        )
+    for m in whole:  # whole-model methods: `transfuse bench --methods` runs them
+        table.add_row(
+            f"[bold]{m.name}[/]\n(whole model; bench)", m.family, escape(f"uses {m.data}"), "—", m.paper
         )
     console.print(table)
 

@@ -225,3 +225,22 @@ def test_statistics_methods_get_each_experts_train_statistics(tiny_backbone, sui
     assert all(bool((t > 0).any()) for n, t in fisher.tensors["fisher"].items()
                if n.endswith("dense.weight") and not n.startswith("pooler"))  # fmt: skip
     assert not bool(fisher.tensors["fisher"]["pooler.dense.weight"].any())
+
+
+def test_emr_is_scored_with_each_tasks_own_parameters(tiny_backbone, suite, trained):
+    from transfuse.routed.emr import emr_merge
+
+    experts, _ = trained
+    base = Encoder.load(tiny_backbone).state_dict()
+    result = run_method_sweep(suite, experts, base, ["emr", "task_arithmetic"], grid=False, progress=False)
+    emr = result["results"]["emr"]
+    assert emr["family"] == "routed" and "task id" in emr["data"]["uses"]
+    assert 0 < emr["storage"]["bytes_per_added_task"] < emr["storage"]["full_expert_bytes"] / 20  # ~1 bit/param
+    states = {n: e.encoder_state_dict() for n, e in experts.items()}
+    routed = emr_merge(base, states, Encoder.from_state_dict(base, tiny_backbone).model)
+    for task in suite:
+        state = {**base, **routed.task_parameters(task.name)}
+        got = evaluate(state, {task.name: experts[task.name].path}, [task], backbone_dir=tiny_backbone)
+        assert got[task.name] == emr["per_task"][task.name]
+    with pytest.raises(Exception, match="emr"):
+        run_method_sweep(suite, experts, base, ["emrr"], progress=False)

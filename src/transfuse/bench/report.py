@@ -146,6 +146,16 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines.append("")
         for name in with_data:
             d = results[name]["data"]
+            if "uses" in d:
+                storage = results[name].get("storage")
+                extra = (
+                    f"; {storage['bytes_per_added_task'] / 1e6:.2f} MB per added task "
+                    f"({storage['bytes_per_added_task'] / storage['full_expert_bytes']:.1%} of an expert)"
+                    if storage
+                    else ""
+                )
+                lines.append(f"*{name} (+data)*: {results[name].get('family', '')}, uses {d['uses']}{extra}.")
+                continue
             lines.append(
                 f"*{name} (+data)*: also uses {', '.join(d['statistics'])} statistics of each expert on "
                 f"{d['examples_per_task']} {d['split']} examples per task ({d.get('statistics_seconds', 0):.0f} s)."

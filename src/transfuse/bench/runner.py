@@ -24,6 +24,7 @@ from transfuse.bench.config import BenchConfig, BenchConfigError
 from transfuse.cache_dir import cache_root as default_cache_dir
 from transfuse.data import load_task_suite
 from transfuse.eval.cache import EvaluationCache
+from transfuse.eval.model_methods import MODEL_METHODS
 from transfuse.eval.sweep import SWEEPABLE_FAMILIES, run_method_sweep
 from transfuse.methods import get_method
 from transfuse.models.backbone import Encoder, resolve_backbone_dir
@@ -34,6 +35,8 @@ def check_config(config: BenchConfig) -> None:
     """Fail before any work on what can be checked cheaply: methods, device, backbone, tasks."""
     if config.methods is not None:
         for name in config.methods:
+            if name in MODEL_METHODS:
+                continue  # a whole-model method (routed, test-time adaptive)
             spec = get_method(name)  # UnknownMethodError names the methods there are
             if spec.family not in SWEEPABLE_FAMILIES:
                 raise BenchConfigError(

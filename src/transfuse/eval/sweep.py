@@ -49,6 +49,7 @@ from transfuse.errors import TransfuseError
 from transfuse.eval.cache import EvaluationCache, tensors_digest
 from transfuse.eval.harness import EvaluationError, evaluate
 from transfuse.eval.metrics import gain_retained, mean_accuracy, normalized_accuracy
+from transfuse.eval.model_methods import MODEL_METHODS, ModelMethodInputs, split_methods
 from transfuse.methods import available_methods, get_method
 from transfuse.methods.registry import MethodSpec
 from transfuse.models.backbone import Encoder
@@ -213,7 +214,8 @@ def run_method_sweep(
     ``normalized`` is relative to the individual experts' test accuracies, ``gain_retained`` also to the
     pretrained encoder's (see :mod:`transfuse.eval.metrics`).
     """
-    specs = sweepable_methods(methods)  # fail before any work on a method this sweep cannot run
+    per_tensor, whole_model = split_methods(methods)
+    specs = sweepable_methods(per_tensor)  # fail before any work on a method this sweep cannot run
     tasks = list(suite)
     names = [t.name for t in tasks]
     expert_dirs = _expert_dirs(experts, names)
@@ -432,6 +434,53 @@ def run_method_sweep(
             f"normalized {results[spec.name]['normalized']:.3f} with {overrides or 'defaults'}"
         )
         del merged, best
+
+    # ---- whole-model methods (routed, test-time adaptive) ------------------------------------------------
+    for method_name in whole_model:
+        method = MODEL_METHODS[method_name]
+        start = time.perf_counter()
+        inputs = ModelMethodInputs(
+            tasks=tasks,
+            base=base,
+            experts=states,
+            heads=heads,
+            architecture=architecture,
+            device=device,
+            max_length=max_length,
+            seed=seed,
+            progress=progress,
+        )
+        try:
+            output = method.run(inputs)
+        except (TransfuseError, ValueError, RuntimeError) as exc:
+            skipped[method_name] = f"failed: {type(exc).__name__}: {exc}"
+            log(f"{method_name}: failed ({exc})")
+            continue
+        if output.per_task is not None:  # one model per task (routed by the task id)
+            acc, hits = {}, {}
+            for task in tasks:
+                a, h = run(encoder, heads, [task], "test", output.per_task[task.name])
+                acc.update(a)
+                hits.update(h)
+        else:
+            assert output.merged is not None
+            acc, hits = score(output.merged, "test")
+        results[method_name] = {
+            **summary(acc),
+            "params": dict(output.info.get("params", {})),
+            "chosen_on": "no choice (tuning-free)" if method.family == "routed" else method.data,
+            "candidates": [],
+            "seconds": round(time.perf_counter() - start, 2),
+            "family": method.family,
+            "data": {"uses": method.data},
+            **{k_: v for k_, v in output.info.items() if k_ != "params"},
+        }
+        correct[method_name] = _as_lists(hits)
+        log(
+            f"{method_name}: test mean {results[method_name]['mean']:.3f} "
+            f"normalized {results[method_name]['normalized']:.3f}"
+        )
+        del output
 
     out: dict[str, Any] = {
         "tasks": names,

@@ -1,0 +1,101 @@
+"""Whole-model methods the benchmark runs beside the per-tensor merge methods: routed and test-time adaptive.
+
+A per-tensor method (``transfuse.methods``) merges each tensor alone; the methods here need the whole model:
+EMR-Merging keeps a shared model plus per-task masks and rescalers and picks the task's parameters by task id
+(``routed``), AdaMerging learns merging coefficients on unlabeled test inputs (``test-time``).  Each entry says
+what data it uses, so the report can mark it.  A method returns either one merged state dict or one state dict
+per task (a routed method with the task id given), plus what it wants reported (e.g. storage per task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from transfuse.data.task import Task
+from transfuse.models.backbone import Encoder
+from transfuse.models.head import TaskHead
+
+
+@dataclass
+class ModelMethodInputs:
+    """What a whole-model method gets from the sweep."""
+
+    tasks: list[Task]
+    base: Mapping[str, torch.Tensor]
+    experts: list[dict[str, torch.Tensor]]  # encoder state dicts, in task order
+    heads: Mapping[str, TaskHead]
+    architecture: Any  # the backbone dir (architecture and tokenizer)
+    device: str
+    max_length: int
+    seed: int
+    progress: bool
+
+
+@dataclass
+class ModelMethodOutput:
+    """A merged state dict for every task (``merged``) or one per task (``per_task``), and report extras."""
+
+    merged: dict[str, torch.Tensor] | None = None
+    per_task: dict[str, dict[str, torch.Tensor]] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelMethod:
+    name: str
+    family: str  # "routed" or "test-time"
+    paper: str
+    data: str  # what it uses besides the weights, for the report
+    run: Callable[[ModelMethodInputs], ModelMethodOutput]
+
+
+def _emr(inputs: ModelMethodInputs) -> ModelMethodOutput:
+    from transfuse.routed.emr import emr_merge
+    from transfuse.routed.storage import routed_storage
+
+    names = [t.name for t in inputs.tasks]
+    module = Encoder.from_state_dict(inputs.base, inputs.architecture).model
+    routed = emr_merge(inputs.base, dict(zip(names, inputs.experts)), module)
+    per_task = {}
+    for name in names:
+        state = {k: v.clone() for k, v in inputs.base.items()}
+        state.update(routed.task_parameters(name))
+        per_task[name] = state
+    storage = routed_storage(routed)
+    info = {
+        "storage": {
+            "shared_bytes": storage.shared_bytes,
+            "bytes_per_added_task": int(sum(storage.task_bytes.values()) / max(len(names), 1)),
+            "full_expert_bytes": int(storage.full_experts_bytes / max(len(names), 1)),
+            "ratio_to_full_experts": round(storage.ratio_to_full_experts, 4),
+        }
+    }
+    return ModelMethodOutput(per_task=per_task, info=info)
+
+
+MODEL_METHODS: dict[str, ModelMethod] = {
+    "emr": ModelMethod(
+        name="emr",
+        family="routed",
+        paper="Huang et al., 'EMR-Merging: Tuning-Free High-Performance Model Merging', NeurIPS 2024",
+        data="the task id of each test example (per-task masks and rescalers)",
+        run=_emr,
+    ),
+}
+
+
+def model_method(name: str) -> ModelMethod | None:
+    return MODEL_METHODS.get(name)
+
+
+def split_methods(methods: Sequence[str] | None) -> tuple[list[str] | None, list[str]]:
+    """(per-tensor method names or None for the default, whole-model method names)."""
+    if methods is None:
+        return None, []
+    whole = [m for m in methods if m in MODEL_METHODS]
+    rest = [m for m in methods if m not in MODEL_METHODS]
+    return rest, whole
