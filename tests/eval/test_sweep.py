@@ -235,7 +235,9 @@ def test_emr_is_scored_with_each_tasks_own_parameters(tiny_backbone, suite, trai
     result = run_method_sweep(suite, experts, base, ["emr", "task_arithmetic"], grid=False, progress=False)
     emr = result["results"]["emr"]
     assert emr["family"] == "routed" and "task id" in emr["data"]["uses"]
-    assert 0 < emr["storage"]["bytes_per_added_task"] < emr["storage"]["full_expert_bytes"] / 20  # ~1 bit/param
+    assert (
+        0 < emr["storage"]["bytes_per_added_task"] < emr["storage"]["full_expert_bytes"] / 20
+    )  # ~1 bit/param
     states = {n: e.encoder_state_dict() for n, e in experts.items()}
     routed = emr_merge(base, states, Encoder.from_state_dict(base, tiny_backbone).model)
     for task in suite:
@@ -244,3 +246,26 @@ def test_emr_is_scored_with_each_tasks_own_parameters(tiny_backbone, suite, trai
         assert got[task.name] == emr["per_task"][task.name]
     with pytest.raises(Exception, match="emr"):
         run_method_sweep(suite, experts, base, ["emrr"], progress=False)
+
+
+def test_regmean_plusplus_runs_in_the_sweep_on_train_examples(tiny_backbone, suite, trained):
+    from transfuse.eval.expert_statistics import train_batches
+    from transfuse.statistics.regmean_plusplus import regmean_plusplus
+
+    experts, _ = trained
+    base = Encoder.load(tiny_backbone).state_dict()
+    result = run_method_sweep(
+        suite, experts, base, ["regmean_plusplus"], progress=False, statistics_examples=16
+    )
+    entry = result["results"]["regmean_plusplus"]
+    assert "train" in entry["data"]["uses"] and entry["params"] == {"alpha": 0.9}
+    encoder = Encoder.from_state_dict(base, tiny_backbone)
+    batches = [
+        [{k: v for k, v in b.items() if k != "labels"} for b in train_batches(encoder, t, 16)] for t in suite
+    ]
+    merged = regmean_plusplus(
+        encoder.model, base, [e.encoder_state_dict() for e in experts.values()], batches,
+        forward=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
+    )  # fmt: skip
+    heads = {n: e.path for n, e in experts.items()}
+    assert evaluate(merged, heads, suite, backbone_dir=tiny_backbone) == entry["per_task"]

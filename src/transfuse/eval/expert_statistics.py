@@ -62,20 +62,7 @@ def expert_statistics(
         path = Path(cache_dir) / f"{task.name}-{digest}.safetensors"
         if path.is_file():
             return load_statistics(path)
-    train = task.split("train")
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    chosen = [train[i] for i in order[:examples]]
-    tokens = encoder.tokenize([e.text for e in chosen], max_length)
-    device = encoder.device
-    batches = [
-        {
-            "input_ids": tokens.input_ids[i : i + batch_size].to(device),
-            "attention_mask": tokens.attention_mask[i : i + batch_size].to(device),
-            "labels": torch.tensor([e.label for e in chosen[i : i + batch_size]], device=device),
-        }
-        for i in range(0, len(chosen), batch_size)
-    ]
+    batches = train_batches(encoder, task, examples, batch_size=batch_size, max_length=max_length, seed=seed)
     model = encoder.model
     stats = ModelStatistics(source=f"{encoder.source} on {task.name}", info=dict(settings))
     if "gram" in kinds:
@@ -104,6 +91,27 @@ def expert_statistics(
     if path is not None:
         stats.save(path)
     return stats
+
+
+def train_batches(
+    encoder: Encoder, task: Task, examples: int, *, batch_size: int = 16, max_length: int = 48, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """The first ``examples`` of ``task``'s train split in a ``seed``-shuffled order, tokenized by ``encoder``, as
+    batches ``{input_ids, attention_mask, labels}`` on its device."""
+    train = task.split("train")
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    chosen = [train[i] for i in order[:examples]]
+    tokens = encoder.tokenize([e.text for e in chosen], max_length)
+    device = encoder.device
+    return [
+        {
+            "input_ids": tokens.input_ids[i : i + batch_size].to(device),
+            "attention_mask": tokens.attention_mask[i : i + batch_size].to(device),
+            "labels": torch.tensor([e.label for e in chosen[i : i + batch_size]], device=device),
+        }
+        for i in range(0, len(chosen), batch_size)
+    ]
 
 
 def _head_digest(head: TaskHead) -> str:

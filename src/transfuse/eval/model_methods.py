@@ -33,6 +33,7 @@ class ModelMethodInputs:
     max_length: int
     seed: int
     progress: bool
+    statistics_examples: int = 256
 
 
 @dataclass
@@ -77,7 +78,37 @@ def _emr(inputs: ModelMethodInputs) -> ModelMethodOutput:
     return ModelMethodOutput(per_task=per_task, info=info)
 
 
+def _regmean_plusplus(inputs: ModelMethodInputs) -> ModelMethodOutput:
+    from transfuse.eval.expert_statistics import train_batches
+    from transfuse.statistics.regmean_plusplus import regmean_plusplus
+
+    encoder = Encoder.from_state_dict(inputs.base, inputs.architecture, device=inputs.device)
+    batches = [
+        [{k: v for k, v in b.items() if k != "labels"} for b in train_batches(
+            encoder, task, inputs.statistics_examples, max_length=inputs.max_length, seed=inputs.seed
+        )]
+        for task in inputs.tasks
+    ]  # fmt: skip
+    merged = regmean_plusplus(
+        encoder.model,
+        inputs.base,
+        inputs.experts,
+        batches,
+        alpha=0.9,
+        forward=lambda m, b: m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]),
+    )
+    return ModelMethodOutput(merged=merged, info={"params": {"alpha": 0.9}})
+
+
 MODEL_METHODS: dict[str, ModelMethod] = {
+    "regmean_plusplus": ModelMethod(
+        name="regmean_plusplus",
+        family="needs-statistics",
+        paper="Nguyen et al., 'RegMean++: Enhancing Effectiveness and Generalization of Regression Mean for "
+        "Model Merging', arXiv:2508.03121, 2025",
+        data="Gram matrices of each task's train examples, block by block through the merged model",
+        run=_regmean_plusplus,
+    ),
     "emr": ModelMethod(
         name="emr",
         family="routed",

@@ -449,6 +449,7 @@ def run_method_sweep(
             max_length=max_length,
             seed=seed,
             progress=progress,
+            statistics_examples=statistics_examples,
         )
         try:
             output = method.run(inputs)
