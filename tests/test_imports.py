@@ -18,6 +18,9 @@ PACKAGES = (
     "transfuse.eval",
     "transfuse.io",
     "transfuse.models",
+    "transfuse.adapt",
+    "transfuse.statistics",
+    "transfuse.routed",
 )
 
 

@@ -269,3 +269,16 @@ def test_regmean_plusplus_runs_in_the_sweep_on_train_examples(tiny_backbone, sui
     )  # fmt: skip
     heads = {n: e.path for n, e in experts.items()}
     assert evaluate(merged, heads, suite, backbone_dir=tiny_backbone) == entry["per_task"]
+
+
+def test_adamerging_adapts_on_unlabeled_test_inputs_and_is_scored_as_a_merge(tiny_backbone, suite, trained):
+    experts, _ = trained
+    base = Encoder.load(tiny_backbone).state_dict()
+    result = run_method_sweep(
+        suite, experts, base, ["adamerging_task"], progress=False, adaptive_steps=3, adaptive_budget_s=None,
+        backbone_dir=tiny_backbone,
+    )  # fmt: skip
+    entry = result["results"]["adamerging_task"]
+    assert entry["family"] == "test-time" and "unlabeled test inputs" in entry["data"]["uses"]
+    assert entry["params"] == {"granularity": "task", "steps": 3} and entry["adaptation"]["coefficients"] == 2
+    assert entry["adaptation"]["entropy_last"] is not None

@@ -104,11 +104,14 @@ class BenchConfig:
     backbone: str | None = None
     # statistics-based methods: train examples per task for each expert's statistics
     statistics_examples: int = 256
+    # test-time methods (AdaMerging): at most this many steps, or this many seconds (None: no limit)
+    adaptive_steps: int = 100
+    adaptive_budget_s: float | None = 600.0
 
     def __post_init__(self) -> None:
         if self.grid not in GRID_CHOICES:
             raise BenchConfigError(f"grid must be one of {', '.join(GRID_CHOICES)}, got {self.grid!r}")
-        for name in ("steps", "batch_size", "max_length", "statistics_examples"):
+        for name in ("steps", "batch_size", "max_length", "statistics_examples", "adaptive_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise BenchConfigError(f"{name} must be a positive integer, got {value!r}")

@@ -117,6 +117,8 @@ def run_bench(
         cache=eval_cache,
         statistics_examples=config.statistics_examples,
         statistics_cache=cache / "statistics",
+        adaptive_steps=config.adaptive_steps,
+        adaptive_budget_s=config.adaptive_budget_s,
     )
     timings["sweep_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - start

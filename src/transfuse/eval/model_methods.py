@@ -34,6 +34,10 @@ class ModelMethodInputs:
     seed: int
     progress: bool
     statistics_examples: int = 256
+    # test-time methods: at most this many optimizer steps, stopped after the step that exceeds the budget
+    adaptive_steps: int = 100
+    adaptive_budget_s: float | None = 600.0
+    test_examples: int | None = None  # the unlabeled test inputs a test-time method adapts on (None: all)
 
 
 @dataclass
@@ -100,7 +104,82 @@ def _regmean_plusplus(inputs: ModelMethodInputs) -> ModelMethodOutput:
     return ModelMethodOutput(merged=merged, info={"params": {"alpha": 0.9}})
 
 
+def _adamerging(
+    granularity: str, ties_density: float | None
+) -> Callable[[ModelMethodInputs], ModelMethodOutput]:
+    def run(inputs: ModelMethodInputs) -> ModelMethodOutput:
+        from transfuse.adapt import adamerge
+        from transfuse.adapt.text_experts import text_adaptation
+
+        encoder = Encoder.from_state_dict(inputs.base, inputs.architecture)
+        texts = {
+            t.name: encoder.tokenize(t.texts("test")[: inputs.test_examples], inputs.max_length)
+            for t in inputs.tasks
+        }
+        adaptation = text_adaptation(
+            dict(inputs.heads),
+            texts,
+            backbone_dir=inputs.architecture,
+            seed=inputs.seed,
+            device=inputs.device,
+        )
+        base = {k: v for k, v in adaptation.base.items() if k in inputs.base}
+        vectors = {
+            t.name: {n: e[n].float() - b.float() for n, b in base.items() if b.is_floating_point()}
+            for t, e in zip(inputs.tasks, inputs.experts)
+        }
+        result = adamerge(
+            base,
+            vectors,
+            adaptation.forward,
+            adaptation.batches,
+            granularity=granularity,
+            steps=inputs.adaptive_steps,
+            ties_density=ties_density,
+            time_budget_s=inputs.adaptive_budget_s,
+            progress=inputs.progress,
+            seed=inputs.seed,
+        )
+        merged = result.merged_state_dict()
+        coefficients = result.coefficients
+        info = {
+            "params": {
+                "granularity": granularity,
+                "steps": result.steps,
+                **({"ties_density": ties_density} if ties_density is not None else {}),
+            },
+            "adaptation": {
+                "entropy_first": result.entropy[0] if result.entropy else None,
+                "entropy_last": result.entropy[-1] if result.entropy else None,
+                "steps": result.steps,
+                "stopped_by_time_budget": result.stopped_by_time_budget,
+                "seconds": round(result.seconds, 1),
+                "coefficients": len(coefficients),
+                "coefficient_mean": round(float(coefficients.mean()), 4),
+            },
+        }
+        return ModelMethodOutput(merged={**inputs.base, **merged}, info=info)
+
+    return run
+
+
+_ADA_PAPER = "Yang et al., 'AdaMerging: Adaptive Model Merging for Multi-Task Learning', ICLR 2024"
+_UNLABELED = "the unlabeled test inputs of every task (entropy minimization: test-time adaptation)"
+
 MODEL_METHODS: dict[str, ModelMethod] = {
+    "adamerging": ModelMethod(
+        "adamerging", "test-time", _ADA_PAPER + " (layer-wise)", _UNLABELED, _adamerging("layer", None)
+    ),
+    "adamerging_task": ModelMethod(
+        "adamerging_task", "test-time", _ADA_PAPER + " (task-wise)", _UNLABELED, _adamerging("task", None)
+    ),
+    "adamerging_plusplus": ModelMethod(
+        "adamerging_plusplus",
+        "test-time",
+        _ADA_PAPER + " (layer-wise AdaMerging++ on TIES-trimmed vectors)",
+        _UNLABELED,
+        _adamerging("layer", 0.2),
+    ),
     "regmean_plusplus": ModelMethod(
         name="regmean_plusplus",
         family="needs-statistics",

@@ -180,6 +180,8 @@ def run_method_sweep(
     cache: EvaluationCache | None = None,
     statistics_examples: int = 256,
     statistics_cache: str | Path | None = None,
+    adaptive_steps: int = 100,
+    adaptive_budget_s: float | None = 600.0,
 ) -> dict[str, Any]:
     """Merge the experts of `suite`'s tasks with each method, choose its parameters on validation, score on test.
 
@@ -197,7 +199,10 @@ def run_method_sweep(
       same examples are read from it instead of being run again;
     - `statistics_examples`: for statistics-based methods, the train examples per task each expert's
       statistics are computed on (:func:`~transfuse.eval.expert_statistics.expert_statistics`; cached in
-      `statistics_cache` when given).  Such a method's result records ``"data"``: what it used.
+      `statistics_cache` when given).  Such a method's result records ``"data"``: what it used;
+    - `methods` may also name whole-model methods (:data:`~transfuse.eval.model_methods.MODEL_METHODS`: EMR,
+      RegMean++, AdaMerging); the test-time ones adapt on the unlabeled test inputs for at most
+      `adaptive_steps` steps or `adaptive_budget_s` seconds.
 
     Returns (JSON-serializable)::
 
@@ -450,6 +455,9 @@ def run_method_sweep(
             seed=seed,
             progress=progress,
             statistics_examples=statistics_examples,
+            adaptive_steps=adaptive_steps,
+            adaptive_budget_s=adaptive_budget_s,
+            test_examples=max_examples,
         )
         try:
             output = method.run(inputs)
