@@ -358,6 +358,15 @@ def bench(
     eval_cache: Annotated[
         bool, typer.Option(help="Reuse earlier evaluations of identical weights on identical examples.")
     ] = True,
+    statistics_examples: Annotated[
+        int | None, typer.Option(help="regmean/fisher/regmean_plusplus: train examples per task (256).")
+    ] = None,
+    adaptive_steps: Annotated[
+        int | None, typer.Option(help="adamerging*: at most this many steps (100).")
+    ] = None,
+    adaptive_budget: Annotated[
+        float | None, typer.Option(help="adamerging*: stop after this many seconds (600; 0 = no limit).")
+    ] = None,
     plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
 ) -> None:
@@ -374,9 +383,17 @@ def bench(
             overrides["tasks"] = None  # every task of the user's pool, not the preset's TEXT-8 names
         if methods:
             overrides["methods"] = _names(methods)
-        for name, value in (("steps", steps), ("grid", grid), ("seed", seed)):
+        for name, value in (
+            ("steps", steps),
+            ("grid", grid),
+            ("seed", seed),
+            ("statistics_examples", statistics_examples),
+            ("adaptive_steps", adaptive_steps),
+        ):
             if value is not None:
                 overrides[name] = value
+        if adaptive_budget is not None:
+            overrides["adaptive_budget_s"] = adaptive_budget or None  # 0 = no limit
         for name, value in (("test_examples", test_examples), ("validation_examples", validation_examples)):
             if value is not None:
                 overrides[name] = value or None  # 0 = all
