@@ -58,6 +58,7 @@ SMALL_GRID_VALUES: dict[str, tuple[float, float]] = {
     "slerp": (0.25, 0.75),
     "nearswap": (1e-4, 1e-3),  # t on the scale of |delta| (the full grid's 1e-4 ... 1e-2)
     "regmean": (0.5, 1.0),  # alpha around its default 0.9
+    "wudi": (0.75, 1.25),  # alpha (output scale) around 1, with the paper's Adam solver
 }
 
 

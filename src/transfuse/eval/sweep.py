@@ -21,7 +21,9 @@ tsv                                         alpha 0.5, 0.75, 1.0, 1.25, 1.5
 iso_c, iso_cts                              alpha 0.5, 1.0, 1.5, 2.0
 slerp                                       t 0.25, 0.5, 0.75 (only with exactly one expert)
 nearswap                                    t 1e-4, 1e-3, 1e-2 (typical |delta| scales; exactly one expert)
-linear, model_stock                         none (defaults only)
+linear, model_stock, fisher                 none (defaults only)
+regmean                                     alpha 0.5, 0.9, 1.0 (off-diagonal shrinkage)
+wudi                                        solver adam, closed_form x alpha 0.5, 0.75, 1.0, 1.25
 any other method                            its first of lambda / density / alpha / t, three values
 ==========================================  =====================================================================
 
@@ -78,6 +80,7 @@ DEFAULT_GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "linear": {},
     "model_stock": {},
     "regmean": {"alpha": (0.5, 0.9, 1.0)},
+    "wudi": {"solver": ("adam", "closed_form"), "alpha": (0.5, 0.75, 1.0, 1.25)},
     "fisher": {},
 }
 
