@@ -3,6 +3,8 @@
 - :mod:`transfuse.routed.model`: ``RoutedModel`` (grouping a mixed-task batch, materialising one task's
   parameters at a time) and the ``TaskParts`` protocol a method implements;
 - :mod:`transfuse.routed.emr`: EMR-Merging's math and its builder ``emr_merge``;
+- :mod:`transfuse.routed.wemoe`: WEMoE's weight ensembling, routed blocks and builder ``wemoe_merge``;
+  :mod:`transfuse.routed.wemoe_train` its router training, :mod:`transfuse.routed.wemoe_storage` its bytes;
 - :mod:`transfuse.routed.store`: the on-disk format, ``save_routed`` and ``load``;
 - :mod:`transfuse.routed.storage`: bytes of the shared and per-task parts against K full experts;
 - :mod:`transfuse.routed.bitpack`: masks at 1 bit per entry.
@@ -24,6 +26,12 @@ __getattr__, __dir__ = lazy_exports(
         "RoutedStorage": "storage",
         "routed_storage": "storage",
         "emr_storage_estimate": "storage",
+        "WEMoEParts": "wemoe",
+        "feed_forward_blocks": "wemoe",
+        "wemoe_merge": "wemoe",
+        "WEMoETraining": "wemoe_train",
+        "train_wemoe_router": "wemoe_train",
+        "wemoe_storage_estimate": "wemoe_storage",
     },
 )
 
@@ -32,9 +40,15 @@ __all__ = [
     "RoutedModel",
     "RoutedStorage",
     "TaskParts",
+    "WEMoEParts",
+    "WEMoETraining",
     "emr_merge",
     "emr_storage_estimate",
+    "feed_forward_blocks",
     "load",
     "routed_storage",
     "save_routed",
+    "train_wemoe_router",
+    "wemoe_merge",
+    "wemoe_storage_estimate",
 ]

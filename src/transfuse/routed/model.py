@@ -36,7 +36,11 @@ class TaskParts(Protocol):
 
     ``materialise(task, base)`` returns full tensors for ``routed_names`` (every other tensor is the module's own);
     ``shared_tensors`` / ``task_tensors`` are what ``save_routed`` writes (flat ``{name: tensor}``), and
-    ``settings`` the method's parameters as JSON values for the manifest."""
+    ``settings`` the method's parameters as JSON values for the manifest.
+
+    A method whose model picks each example's weights itself (WEMoE's routers) sets ``routes_examples = True``
+    and has ``run(module, args, kwargs)``: :class:`RoutedModel` then calls it with no task ids (and never
+    ``materialise``)."""
 
     method: str
     tasks: tuple[str, ...]
@@ -60,7 +64,8 @@ class RoutedModel(nn.Module):
     ``len(task_ids)`` is split by example; other inputs are passed to every group as they are.  Outputs may be
     tensors, tuples, lists, dicts or transformers ``ModelOutput``; every output tensor must have one row per
     example.  Call ``eval()`` first if the module has dropout: each group draws its own random numbers.
-    Parameters are materialised without gradients (inference)."""
+    Parameters are materialised without gradients (inference).  Parts with ``routes_examples`` (WEMoE) run the
+    whole batch at once, each example routed by the parts themselves, and take no ``task_ids``."""
 
     def __init__(
         self,
@@ -76,6 +81,10 @@ class RoutedModel(nn.Module):
             raise TypeError(f"module must be a torch nn.Module, got {type(module).__name__}")
         if not isinstance(cache_tasks, int) or cache_tasks < 0:
             raise ValueError(f"cache_tasks must be an int >= 0, got {cache_tasks!r}")
+        if router is not None and getattr(parts, "routes_examples", False):
+            raise ValueError(
+                f"{parts.method} routes every example with its own saved router; do not pass router="
+            )
         state = module.state_dict()
         missing = [n for n in parts.routed_names if n not in state]
         if missing:
@@ -131,6 +140,12 @@ class RoutedModel(nn.Module):
         return torch.func.functional_call(self.module, self.task_parameters(task), args, kwargs)
 
     def forward(self, *args: Any, task_ids: str | Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if getattr(self.parts, "routes_examples", False):
+            if task_ids is not None:
+                raise TaskIdsMismatchError(
+                    f"{self.parts.method} picks each example's weights with its router; call it without task_ids"
+                )
+            return self.parts.run(self.module, args, kwargs)
         if task_ids is None:
             if self.router is None:
                 hint = (

@@ -7,7 +7,7 @@ The directory (written atomically: built in a hidden temporary dir beside it, th
     base.safetensors       the module's state dict (the shared weights); tied tensors once, see "aliases"
     shared.safetensors     the method's shared tensors (EMR: ``unified.<name>``, tau_uni in float32)
     task-000.safetensors   one per task, in the order of "tasks" (EMR: ``mask.<name>`` bit-packed uint8, 1 bit per
-                           entry, and ``rescaler``, one float32)
+                           entry, and ``rescaler``, one float32; WEMoE: ``tau.<name>`` and the task's router rows)
     config.json            transformers models only: the config the module is rebuilt from
 
 Loading reads only JSON and safetensors (never pickle), and checks before it reads a tensor that every file the
@@ -38,12 +38,13 @@ from transfuse.routed.errors import (
     UnsupportedFormatVersionError,
 )
 from transfuse.routed.model import RoutedModel, Router
+from transfuse.routed.wemoe import WEMoEParts
 
 FORMAT = "transfuse-routed"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # method name -> its parts class (each has ``from_saved``)
-PARTS_CLASSES: dict[str, Any] = {"emr": EMRParts}
+PARTS_CLASSES: dict[str, Any] = {"emr": EMRParts, "wemoe": WEMoEParts}
 
 _DTYPE_CODES = {
     torch.float64: "F64",
@@ -98,8 +99,10 @@ def _write(directory: Path, filename: str, tensors: dict[str, Tensor]) -> dict[s
 
 def save_routed(model: RoutedModel, directory: str | Path, *, overwrite: bool = False) -> Path:
     """Write `model` to `directory` (atomically; an existing non-empty directory is an ``OutputExistsError``
-    unless `overwrite`).  A router is not saved (it is code): the manifest records that there was one, and
-    ``load(directory, router=...)`` takes it again.  Returns the directory."""
+    unless `overwrite`).  A router callable is not saved (it is code): the manifest records that there was one,
+    and ``load(directory, router=...)`` takes it again.  A method whose parts route every example themselves
+    (WEMoE: the routers are tensors) saves them with its parts, and the manifest says ``"saved_router": true``.
+    Returns the directory."""
     if not isinstance(model, RoutedModel):
         raise TypeError(f"save_routed takes a RoutedModel, got {type(model).__name__}")
     module = model.module
@@ -138,6 +141,7 @@ def save_routed(model: RoutedModel, directory: str | Path, *, overwrite: bool = 
             "task_files": task_files,
             "module": module_entry,
             "router": model.router is not None or model.saved_with_router,
+            "saved_router": bool(getattr(parts, "routes_examples", False)),
             "aliases": aliases,
             "files": files,
         }
@@ -314,6 +318,12 @@ def load(
     settings = _field(manifest, "settings", dict)
     module_entry = _field(manifest, "module", dict)
     saved_with_router = _field(manifest, "router", bool)
+    # "saved_router" came with WEMoE; directories written before it have none and no saved router
+    saved_router = manifest.get("saved_router", False)
+    if not isinstance(saved_router, bool):
+        raise RoutedFormatError(f"manifest['saved_router'] is {saved_router!r}, expected true or false")
+    if saved_router and router is not None:
+        raise ValueError(f"{directory} routes with its saved router ({method}); load it without router=")
     files = _check_files(directory, manifest)
     for required in ("base.safetensors", "shared.safetensors", *task_files.values()):
         if required not in files:
@@ -337,6 +347,11 @@ def load(
     shared = _read(directory / "shared.safetensors")
     per_task = {task: _read(directory / task_files[task]) for task in tasks}
     parts = PARTS_CLASSES[method].from_saved(tuple(tasks), shared, per_task, settings, base)
+    if bool(getattr(parts, "routes_examples", False)) != saved_router:
+        raise RoutedFormatError(
+            f"the manifest says saved_router={saved_router}, but a {method} model "
+            f"{'routes' if not saved_router else 'does not route'} with saved routers"
+        )
     return RoutedModel(
         module, parts, router=router, cache_tasks=cache_tasks, saved_with_router=saved_with_router
     )
