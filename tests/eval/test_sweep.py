@@ -280,5 +280,6 @@ def test_adamerging_adapts_on_unlabeled_test_inputs_and_is_scored_as_a_merge(tin
     )  # fmt: skip
     entry = result["results"]["adamerging_task"]
     assert entry["family"] == "test-time" and "unlabeled test inputs" in entry["data"]["uses"]
-    assert entry["params"] == {"granularity": "task", "steps": 3} and entry["adaptation"]["coefficients"] == 2
+    assert entry["params"] == {"granularity": "task", "init": 0.3, "steps": 3}
+    assert entry["adaptation"]["coefficients"] == 2
     assert entry["adaptation"]["entropy_last"] is not None

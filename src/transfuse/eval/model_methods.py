@@ -38,6 +38,8 @@ class ModelMethodInputs:
     adaptive_steps: int = 100
     adaptive_budget_s: float | None = 600.0
     test_examples: int | None = None  # the unlabeled test inputs a test-time method adapts on (None: all)
+    # AdaMerging's initial coefficient: the paper's 0.3, or task arithmetic's lambda chosen on validation
+    adaptive_init: float = 0.3
 
 
 @dataclass
@@ -134,6 +136,7 @@ def _adamerging(
             adaptation.forward,
             adaptation.batches,
             granularity=granularity,
+            init=inputs.adaptive_init,
             steps=inputs.adaptive_steps,
             ties_density=ties_density,
             time_budget_s=inputs.adaptive_budget_s,
@@ -145,6 +148,7 @@ def _adamerging(
         info = {
             "params": {
                 "granularity": granularity,
+                "init": inputs.adaptive_init,
                 "steps": result.steps,
                 **({"ties_density": ties_density} if ties_density is not None else {}),
             },

@@ -461,6 +461,9 @@ def run_method_sweep(
             adaptive_steps=adaptive_steps,
             adaptive_budget_s=adaptive_budget_s,
             test_examples=max_examples,
+            # Start AdaMerging where task arithmetic's validation choice is (the paper's 0.3 assumes its own
+            # experts: with eight TEXT-8 task vectors 0.3 each overshoots and entropy descent does not recover).
+            adaptive_init=float(results.get("task_arithmetic", {}).get("params", {}).get("lambda", 0.3)),
         )
         try:
             output = method.run(inputs)
