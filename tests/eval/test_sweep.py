@@ -283,3 +283,24 @@ def test_adamerging_adapts_on_unlabeled_test_inputs_and_is_scored_as_a_merge(tin
     assert entry["params"] == {"granularity": "task", "init": 0.3, "steps": 3}
     assert entry["adaptation"]["coefficients"] == 2
     assert entry["adaptation"]["entropy_last"] is not None
+
+
+def test_wemoe_trains_its_routers_on_test_inputs_and_is_scored_without_task_ids(
+    tiny_backbone, suite, trained
+):
+    experts, _ = trained
+    base = Encoder.load(tiny_backbone).state_dict()
+    result = run_method_sweep(
+        suite, experts, base, ["task_arithmetic", "wemoe"], grid=False, progress=False, adaptive_steps=2,
+        adaptive_budget_s=None, backbone_dir=tiny_backbone,
+    )  # fmt: skip
+    entry = result["results"]["wemoe"]
+    assert entry["family"] == "routed" and "no task id" in entry["data"]["uses"]
+    assert entry["params"] == {
+        "init_lambda": 1.0,
+        "steps": 2,
+    }  # task arithmetic's lambda (grid off: default 1)
+    assert entry["adaptation"]["entropy_first"] is not None
+    # each added task stores its MLP task vectors and router rows: less than a whole expert
+    assert 0 < entry["storage"]["bytes_per_added_task"] < entry["storage"]["full_expert_bytes"]
+    assert len(result["correct"]["wemoe"]["colour"]) == len(suite["colour"].test)

@@ -48,6 +48,7 @@ class ModelMethodOutput:
 
     merged: dict[str, torch.Tensor] | None = None
     per_task: dict[str, dict[str, torch.Tensor]] | None = None
+    model: Encoder | None = None  # a routed encoder that picks per example, scored as it is (no task id)
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -167,10 +168,79 @@ def _adamerging(
     return run
 
 
+def _wemoe(inputs: ModelMethodInputs) -> ModelMethodOutput:
+    from transfuse.models.backbone import mean_pool
+    from transfuse.routed.storage import routed_storage
+    from transfuse.routed.wemoe import feed_forward_blocks, wemoe_merge
+    from transfuse.routed.wemoe_train import train_wemoe_router
+
+    names = [t.name for t in inputs.tasks]
+    encoder = Encoder.from_state_dict(inputs.base, inputs.architecture, device=inputs.device)
+    module = encoder.model
+    routed = wemoe_merge(
+        inputs.base,
+        dict(zip(names, inputs.experts)),
+        module,
+        feed_forward_blocks(module),
+        init_lambda=inputs.adaptive_init,
+        token_mask_kwarg="attention_mask",
+        seed=inputs.seed,
+    )
+    batches = {}
+    for task in inputs.tasks:
+        tokens = encoder.tokenize(task.texts("test")[: inputs.test_examples], inputs.max_length)
+        batches[task.name] = [
+            {"input_ids": b.input_ids.to(inputs.device), "attention_mask": b.attention_mask.to(inputs.device)}
+            for b in tokens.batches(16)
+        ]
+    heads = {n: h.eval().requires_grad_(False) for n, h in inputs.heads.items()}
+
+    def forward(model: torch.nn.Module, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model(**batch).last_hidden_state
+        return heads[task](mean_pool(hidden, batch["attention_mask"]))
+
+    training = train_wemoe_router(
+        routed,
+        forward,
+        batches,
+        steps=inputs.adaptive_steps,
+        lr=1e-4,
+        time_budget_s=inputs.adaptive_budget_s,
+        progress=inputs.progress,
+        seed=inputs.seed,
+    )
+    routed.eval()
+    routed.config = module.config  # what Encoder reads of its model (hidden size) when it scores the routed one
+    storage = routed_storage(routed)
+    curve = list(getattr(training, "entropy", []) or [])
+    info = {
+        "params": {"init_lambda": inputs.adaptive_init, "steps": len(curve)},
+        "adaptation": {
+            "entropy_first": curve[0] if curve else None,
+            "entropy_last": curve[-1] if curve else None,
+            "steps": len(curve),
+        },
+        "storage": {
+            "shared_bytes": storage.shared_bytes,
+            "bytes_per_added_task": int(sum(storage.task_bytes.values()) / max(len(names), 1)),
+            "full_expert_bytes": int(storage.full_experts_bytes / max(len(names), 1)),
+            "ratio_to_full_experts": round(storage.ratio_to_full_experts, 4),
+        },
+    }
+    return ModelMethodOutput(model=Encoder(routed, encoder.tokenizer, "<wemoe>"), info=info)
+
+
 _ADA_PAPER = "Yang et al., 'AdaMerging: Adaptive Model Merging for Multi-Task Learning', ICLR 2024"
 _UNLABELED = "the unlabeled test inputs of every task (entropy minimization: test-time adaptation)"
 
 MODEL_METHODS: dict[str, ModelMethod] = {
+    "wemoe": ModelMethod(
+        "wemoe",
+        "routed",
+        "Tang et al., 'Merging Multi-Task Models via Weight-Ensembling Mixture of Experts', ICML 2024",
+        "the unlabeled test inputs of every task (router trained by entropy minimization; no task id at test)",
+        _wemoe,
+    ),
     "adamerging": ModelMethod(
         "adamerging", "test-time", _ADA_PAPER + " (layer-wise)", _UNLABELED, _adamerging("layer", None)
     ),

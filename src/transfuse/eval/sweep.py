@@ -471,7 +471,12 @@ def run_method_sweep(
             skipped[method_name] = f"failed: {type(exc).__name__}: {exc}"
             log(f"{method_name}: failed ({exc})")
             continue
-        if output.per_task is not None:  # one model per task (routed by the task id)
+        if output.model is not None:  # routes per example: scored as it is, without task ids
+            acc, hits = evaluate(
+                output.model, heads, tasks, split="test", return_correct=True, max_examples=max_examples,
+                **eval_kwargs,
+            )  # fmt: skip
+        elif output.per_task is not None:  # one model per task (routed by the task id)
             acc, hits = {}, {}
             for task in tasks:
                 a, h = run(encoder, heads, [task], "test", output.per_task[task.name])
