@@ -210,7 +210,9 @@ def _wemoe(inputs: ModelMethodInputs) -> ModelMethodOutput:
         seed=inputs.seed,
     )
     routed.eval()
-    routed.config = module.config  # what Encoder reads of its model (hidden size) when it scores the routed one
+    routed.config = (
+        module.config
+    )  # what Encoder reads of its model (hidden size) when it scores the routed one
     storage = routed_storage(routed)
     curve = list(getattr(training, "entropy", []) or [])
     info = {
