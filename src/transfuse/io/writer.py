@@ -37,6 +37,7 @@ import os
 import secrets
 import shutil
 import struct
+import time
 import warnings
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -130,7 +131,13 @@ def remove_stale_temp_dirs(out_dir: Path) -> list[Path]:
 
 
 def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    # Retried: an interrupted run under load was seen to leave the (empty) temp dir behind once in a few tries,
+    # i.e. one removal pass lost a race with a file being closed or created in it.
+    for attempt in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.05 * (attempt + 1))
 
 
 def _canonicalize_header(path: Path) -> None:
