@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from transfuse.adapt._progress import AdaptProgress
+from transfuse.adapt.batch_streams import batch_stream
 from transfuse.adapt.coefficients import CoefficientLayout, coefficient_group
 from transfuse.adapt.errors import (
     AdaptParameterError,
@@ -373,29 +374,7 @@ def _batch_streams(
                 f"batches[{task!r}] must be a sequence or an iterable of batches (e.g. [x] for one batch), "
                 f"got {type(given).__name__}"
             )
-        if isinstance(given, Sequence):
-            if len(given) == 0:
-                raise EmptyBatchesError(f"batches[{task!r}] is empty: give at least one unlabeled batch")
-            streams[task] = _shuffled_cycle(given, generator)
-        else:
-            streams[task] = _restarted(task, given)
+        if isinstance(given, Sequence) and len(given) == 0:
+            raise EmptyBatchesError(f"batches[{task!r}] is empty: give at least one unlabeled batch")
+        streams[task] = batch_stream(task, given, generator)
     return streams
-
-
-def _shuffled_cycle(batches: Sequence[Any], generator: torch.Generator) -> Iterator[Any]:
-    while True:
-        for i in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[i]
-
-
-def _restarted(task: str, batches: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise EmptyBatchesError(
-                f"batches[{task!r}] yielded no batch{' (any more)' if iter(batches) is batches else ''}: "
-                "give a non-empty sequence or a re-iterable such as a DataLoader, not a one-shot iterator"
-            )

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from transfuse.adapt._progress import AdaptProgress
 from transfuse.adapt.adamerging import entropy_objective
+from transfuse.adapt.batch_streams import batch_stream
 from transfuse.adapt.errors import NonFiniteObjectiveError
 from transfuse.errors import ParameterError
 from transfuse.routed.model import RoutedModel
@@ -151,28 +152,7 @@ def _streams(batches: Mapping[str, Any], tasks: tuple[str, ...], seed: int) -> d
         given = batches[task]
         if isinstance(given, Tensor) or not isinstance(given, Iterable):
             raise ParameterError(f"batches[{task!r}] must be a sequence or re-iterable of batches, e.g. [x]")
-        if isinstance(given, Sequence):
-            if len(given) == 0:
-                raise ParameterError(f"batches[{task!r}] is empty: give at least one unlabeled batch")
-            streams[task] = _shuffled_cycle(given, generator)
-        else:
-            streams[task] = _restarted(task, given)
+        if isinstance(given, Sequence) and len(given) == 0:
+            raise ParameterError(f"batches[{task!r}] is empty: give at least one unlabeled batch")
+        streams[task] = batch_stream(task, given, generator)
     return streams
-
-
-def _shuffled_cycle(batches: Sequence[Any], generator: torch.Generator) -> Iterator[Any]:
-    while True:
-        for i in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[i]
-
-
-def _restarted(task: str, batches: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield batch
-        if empty:
-            raise ParameterError(
-                f"batches[{task!r}] yielded no batch: give a non-empty re-iterable, not an iterator"
-            )
