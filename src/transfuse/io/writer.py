@@ -162,7 +162,8 @@ def _canonicalize_header(path: Path) -> None:
             fh.write(text + b" " * (size - len(text)))
 
 
-_SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+# The dtype codes of the safetensors format (what a header's "dtype" says), for the dtypes transfuse writes.
+SAFETENSORS_DTYPE_CODES: dict[torch.dtype, str] = {
     torch.float64: "F64",
     torch.float32: "F32",
     torch.float16: "F16",
@@ -190,7 +191,7 @@ class _StreamedShard:
         header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
         offset = 0
         for name, shape, dtype in entries:
-            code = _SAFETENSORS_DTYPES.get(dtype)
+            code = SAFETENSORS_DTYPE_CODES.get(dtype)
             if code is None:
                 raise WriteError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
             nbytes = int(torch.Size(shape).numel()) * dtype.itemsize

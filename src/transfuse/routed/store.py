@@ -24,12 +24,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from transfuse.io.files import staged_dir
+from transfuse.io.writer import SAFETENSORS_DTYPE_CODES
 from transfuse.routed.emr import EMRParts
 from transfuse.routed.errors import (
     MissingModuleError,
@@ -46,18 +46,7 @@ MANIFEST = "manifest.json"
 # method name -> its parts class (each has ``from_saved``)
 PARTS_CLASSES: dict[str, Any] = {"emr": EMRParts, "wemoe": WEMoEParts}
 
-_DTYPE_CODES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_DTYPE_CODES = SAFETENSORS_DTYPE_CODES
 _DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in _DTYPE_CODES}
 _CODE_BY_NAME = {_DTYPE_NAMES[d]: code for d, code in _DTYPE_CODES.items()}
 
