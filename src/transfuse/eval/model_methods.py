@@ -61,9 +61,22 @@ class ModelMethod:
     run: Callable[[ModelMethodInputs], ModelMethodOutput]
 
 
+def _storage_report(routed: Any) -> dict[str, Any]:
+    """A routed model's bytes for the report: shared, per added task, one full expert, total vs K experts."""
+    from transfuse.routed.storage import routed_storage
+
+    storage = routed_storage(routed)
+    k = max(len(routed.tasks), 1)
+    return {
+        "shared_bytes": storage.shared_bytes,
+        "bytes_per_added_task": int(sum(storage.task_bytes.values()) / k),
+        "full_expert_bytes": int(storage.full_experts_bytes / k),
+        "ratio_to_full_experts": round(storage.ratio_to_full_experts, 4),
+    }
+
+
 def _emr(inputs: ModelMethodInputs) -> ModelMethodOutput:
     from transfuse.routed.emr import emr_merge
-    from transfuse.routed.storage import routed_storage
 
     names = [t.name for t in inputs.tasks]
     module = Encoder.from_state_dict(inputs.base, inputs.architecture).model
@@ -73,15 +86,7 @@ def _emr(inputs: ModelMethodInputs) -> ModelMethodOutput:
         state = {k: v.clone() for k, v in inputs.base.items()}
         state.update(routed.task_parameters(name))
         per_task[name] = state
-    storage = routed_storage(routed)
-    info = {
-        "storage": {
-            "shared_bytes": storage.shared_bytes,
-            "bytes_per_added_task": int(sum(storage.task_bytes.values()) / max(len(names), 1)),
-            "full_expert_bytes": int(storage.full_experts_bytes / max(len(names), 1)),
-            "ratio_to_full_experts": round(storage.ratio_to_full_experts, 4),
-        }
-    }
+    info = {"storage": _storage_report(routed)}
     return ModelMethodOutput(per_task=per_task, info=info)
 
 
@@ -170,7 +175,6 @@ def _adamerging(
 
 def _wemoe(inputs: ModelMethodInputs) -> ModelMethodOutput:
     from transfuse.models.backbone import mean_pool
-    from transfuse.routed.storage import routed_storage
     from transfuse.routed.wemoe import feed_forward_blocks, wemoe_merge
     from transfuse.routed.wemoe_train import train_wemoe_router
 
@@ -213,7 +217,6 @@ def _wemoe(inputs: ModelMethodInputs) -> ModelMethodOutput:
     routed.config = (
         module.config
     )  # what Encoder reads of its model (hidden size) when it scores the routed one
-    storage = routed_storage(routed)
     curve = list(getattr(training, "entropy", []) or [])
     info = {
         "params": {"init_lambda": inputs.adaptive_init, "steps": len(curve)},
@@ -222,12 +225,7 @@ def _wemoe(inputs: ModelMethodInputs) -> ModelMethodOutput:
             "entropy_last": curve[-1] if curve else None,
             "steps": len(curve),
         },
-        "storage": {
-            "shared_bytes": storage.shared_bytes,
-            "bytes_per_added_task": int(sum(storage.task_bytes.values()) / max(len(names), 1)),
-            "full_expert_bytes": int(storage.full_experts_bytes / max(len(names), 1)),
-            "ratio_to_full_experts": round(storage.ratio_to_full_experts, 4),
-        },
+        "storage": _storage_report(routed),
     }
     return ModelMethodOutput(model=Encoder(routed, encoder.tokenizer, "<wemoe>"), info=info)
 
