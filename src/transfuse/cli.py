@@ -362,10 +362,11 @@ def bench(
         int | None, typer.Option(help="regmean/fisher/regmean_plusplus: train examples per task (256).")
     ] = None,
     adaptive_steps: Annotated[
-        int | None, typer.Option(help="adamerging*: at most this many steps (100).")
+        int | None, typer.Option(help="adamerging*, wemoe: at most this many steps (100).")
     ] = None,
     adaptive_budget: Annotated[
-        float | None, typer.Option(help="adamerging*: stop after this many seconds (600; 0 = no limit).")
+        float | None,
+        typer.Option(help="adamerging*, wemoe: stop after this many seconds (600; 0 = no limit)."),
     ] = None,
     plots: Annotated[bool, typer.Option(help="Write the PNG plots.")] = True,
     progress: Annotated[bool, typer.Option(help="Show progress.")] = True,
