@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -310,3 +311,37 @@ def test_unscaled_passthrough_tensors_are_byte_copies_read_once(llamas, tmp_path
     with pytest.raises(NonFiniteTensorError, match=r"down_proj.*NaN/Inf"):
         transfuse.merge(recipe, tmp_path / "out2", progress=False)
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), -float("nan")])
+def test_copied_tensor_with_inf_or_nan_anywhere_is_refused(llamas, tmp_path, dtype, value):
+    """The copy path's check (min/max in the tensor's own dtype) sees +inf, -inf and a negative-signed NaN
+    wherever they are, in float32 and bfloat16 checkpoints."""
+    from transfuse.errors import NonFiniteTensorError
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (llamas / "ft0").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    tensors = {k: v.to(dtype) for k, v in load_file(broken / "model.safetensors").items()}
+    target = tensors["model.layers.1.mlp.down_proj.weight"]
+    target.view(-1)[target.numel() - 1] = value  # the last entry: the tail of any vectorised reduction
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    recipe = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(broken), "layer_range": [0, 2]}]}],
+    }
+    with plan_merge_copies(recipe) as copied:
+        assert "model.layers.1.mlp.down_proj.weight" in copied
+    with pytest.raises(NonFiniteTensorError, match=r"down_proj.*NaN/Inf"):
+        transfuse.merge(recipe, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@contextlib.contextmanager
+def plan_merge_copies(recipe):
+    from transfuse.api import plan_merge
+
+    with plan_merge(recipe) as plan:
+        yield {j.name for j in plan.jobs if not j.merge}

@@ -118,8 +118,10 @@ def _load(
     if not job.merge:
         # A copied float tensor (passthrough at scale 1) is published as it is: scan it as merged inputs are.
         if check_finite and raw_base.is_floating_point() and raw_base.numel():
-            total = raw_base.sum(dtype=torch.float32)
-            if not bool(torch.isfinite(total)) and not bool(torch.isfinite(raw_base).all()):
+            # aminmax in the tensor's own dtype: inf and NaN propagate into it, and for bf16 it runs ~17x faster
+            # than a float32 sum (0.11 vs 1.95 ns per entry), which made byte-copy merges CPU-bound on the check.
+            low, high = torch.aminmax(raw_base)
+            if not (bool(torch.isfinite(low)) and bool(torch.isfinite(high))):
                 bad = int((~torch.isfinite(raw_base)).sum())
                 raise NonFiniteTensorError(
                     f"tensor {base_in.name!r} of {base_in.label} holds {bad} NaN/Inf value(s); fix or re-export "
