@@ -18,6 +18,14 @@ betas (0.9, 0.999), 500 steps.  One official step sums the mean entropies of two
 Adam (invariant to the loss's scale up to eps) treats as one batch of 32.  AdaMerging++ (``ties_density``)
 learns the coefficients of TIES-trimmed, sign-elected task vectors (see :mod:`transfuse.adapt.ties_vectors`).
 
+With ``objective="cross_entropy"`` the same coefficients are learned from a few **labeled** examples per task
+instead (aTLAS's few-shot setting, Zhang et al., "Knowledge Composition using Task Vectors with Learned
+Anisotropic Scaling", NeurIPS 2024, usually with block-wise coefficients)::
+
+    L(lambda) = sum_t mean_{(x, y) in B_t} -log softmax(f_t(x; theta(lambda)))_y
+
+each batch then being a pair ``(inputs, labels)``: ``forward`` gets ``inputs``, ``labels [B]`` are class ids.
+
 Memory: the K task vectors (the caller's, or the K TIES-processed ones), the base, one merged copy (built once
 per step), its gradient, and the activations of one task's batch at a time: each task's forward and backward
 run on their own (the gradients add up in the merged copy's ``.grad``), then one backward through the merge.
@@ -125,13 +133,41 @@ def merge_parameters(
     return TaskVectorMerge(base, task_vectors, layout)(coefficients)
 
 
+OBJECTIVES = ("entropy", "cross_entropy")
+
+
+def labeled_objective(logits: Tensor, labels: Tensor) -> Tensor:
+    """The few-shot objective of one task: ``mean_b -log softmax(logits[b])_{labels[b]}``."""
+    if logits.dim() != 2 or labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
+        raise AdaptParameterError(
+            f"labels must be [batch] class ids matching the logits {tuple(logits.shape)}, got {tuple(labels.shape)}"
+        )
+    return torch.nn.functional.cross_entropy(logits, labels.to(device=logits.device, dtype=torch.long))
+
+
+def _task_objective(
+    forward: Forward, leaves: Mapping[str, Tensor], task: str, batch: Any, objective: str
+) -> Tensor:
+    if objective == "entropy":
+        return entropy_objective([forward(leaves, task, batch)])
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Tensor)):
+        raise AdaptParameterError(
+            f"objective 'cross_entropy' needs each batch of {task!r} as a pair (inputs, labels tensor), got "
+            f"{type(batch).__name__}"
+        )
+    inputs, labels = batch
+    return labeled_objective(forward(leaves, task, inputs), labels)
+
+
 def objective_gradient(
     merge: TaskVectorMerge,
     forward: Forward,
     batch_by_task: Mapping[str, Any],
     coefficients: Tensor,
+    objective: str = "entropy",
 ) -> tuple[float, Tensor]:
-    """``(L(lambda), dL/dlambda)`` at ``coefficients`` (a plain tensor) for one batch per task.
+    """``(L(lambda), dL/dlambda)`` at ``coefficients`` (a plain tensor) for one batch per task (``objective``:
+    ``entropy`` on unlabeled batches, ``cross_entropy`` on ``(inputs, labels)`` batches).
 
     The merged parameters are built once; each task's forward and backward run alone, accumulating
     ``dL/dtheta`` in the merged tensors' ``.grad``; one backward through the merge then gives ``dL/dlambda``.
@@ -143,7 +179,7 @@ def objective_gradient(
     }
     total = 0.0
     for task, batch in batch_by_task.items():
-        value = entropy_objective([forward(leaves, task, batch)])
+        value = _task_objective(forward, leaves, task, batch, objective)
         value.backward()
         total += float(value.detach())
     outputs = [merged[n] for n in merge.terms if leaves[n].grad is not None]
@@ -159,7 +195,8 @@ class AdaMergingResult:
     """What :func:`adamerge` learned.
 
     ``coefficients[j]`` is the clamped coefficient named ``layout.names[j]``; ``entropy[s]`` the objective at
-    step ``s`` (before that step's update, on that step's batches).  ``ties_density`` is None for AdaMerging,
+    step ``s`` (before that step's update, on that step's batches; the cross-entropy with ``objective
+    ="cross_entropy"``).  ``ties_density`` is None for AdaMerging,
     the TIES density for AdaMerging++.  :meth:`merged_state_dict` builds the merged model.
     """
 
@@ -171,6 +208,7 @@ class AdaMergingResult:
     ties_density: float | None
     seconds: float
     stopped_by_time_budget: bool = False
+    objective: str = "entropy"
     _merge: TaskVectorMerge | None = field(default=None, repr=False)
 
     @property
@@ -218,6 +256,7 @@ def adamerge(
     init: float = 0.3,
     bounds: tuple[float, float] | None = (0.0, 1.0),
     ties_density: float | None = None,
+    objective: str = "entropy",
     progress: bool = False,
     time_budget_s: float | None = None,
     seed: int = 0,
@@ -231,9 +270,13 @@ def adamerge(
     order on each pass) or a re-iterable (a DataLoader; restarted when it ends); one batch per task per step.
     ``granularity``: ``task``, ``layer`` (one coefficient per task per tensor, the paper's) or ``block``.
     ``bounds``: the clamp of the coefficients (None: unclamped).  ``time_budget_s``: stop after the step during
-    which this much time has passed (at least one step runs).  Formulas: the module docstring.
+    which this much time has passed (at least one step runs).  ``objective``: ``entropy`` (AdaMerging, unlabeled
+    batches) or ``cross_entropy`` (few-shot labeled, aTLAS-style: each batch a pair ``(inputs, labels)``).
+    Formulas: the module docstring.
     """
     _check_options(steps, lr, init, bounds, time_budget_s, granularity)
+    if objective not in OBJECTIVES:
+        raise AdaptParameterError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     density = ties_density_value(ties_density) if ties_density is not None else None
     _check_inputs(base, task_vectors)
     streams = _batch_streams(batches, list(task_vectors), seed)
@@ -258,10 +301,10 @@ def adamerge(
                 break
             lam = _clamped(raw, bounds)
             batch_by_task = {task: next(stream) for task, stream in streams.items()}
-            value, grad = objective_gradient(merge, forward, batch_by_task, lam.detach())
+            value, grad = objective_gradient(merge, forward, batch_by_task, lam.detach(), objective)
             if not math.isfinite(value) or not bool(torch.isfinite(grad).all()):
                 raise NonFiniteObjectiveError(
-                    f"the entropy objective or its gradient is not finite at step {step} (value {value}); "
+                    f"the {objective} objective or its gradient is not finite at step {step} (value {value}); "
                     "check that forward returns finite logits, or lower lr"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -276,6 +319,7 @@ def adamerge(
         init=float(init),
         bounds=None if bounds is None else (float(bounds[0]), float(bounds[1])),
         ties_density=density,
+        objective=objective,
         seconds=time.perf_counter() - start,
         stopped_by_time_budget=out_of_time,
         _merge=merge,
