@@ -304,3 +304,26 @@ def test_wemoe_trains_its_routers_on_test_inputs_and_is_scored_without_task_ids(
     # each added task stores its MLP task vectors and router rows: less than a whole expert
     assert 0 < entry["storage"]["bytes_per_added_task"] < entry["storage"]["full_expert_bytes"]
     assert len(result["correct"]["wemoe"]["colour"]) == len(suite["colour"].test)
+
+
+def test_atlas_learns_block_coefficients_from_few_labeled_train_examples(tiny_backbone, suite, trained):
+    from collections import Counter
+
+    from transfuse.eval.model_methods import few_shot_examples
+
+    experts, _ = trained
+    task = suite["colour"]
+    texts, labels = few_shot_examples(task, 2, seed=0)
+    train = {(e.text, e.label) for e in task.train}
+    assert set(zip(texts, labels)) <= train  # only train examples, never validation or test
+    assert all(n == min(2, task.class_counts("train")[c]) for c, n in Counter(labels).items())
+    assert set(labels) == {e.label for e in task.train}
+    base = Encoder.load(tiny_backbone).state_dict()
+    result = run_method_sweep(
+        suite, experts, base, ["atlas"], progress=False, adaptive_steps=2, adaptive_budget_s=None,
+        backbone_dir=tiny_backbone,
+    )  # fmt: skip
+    entry = result["results"]["atlas"]
+    assert "labeled train examples per class" in entry["data"]["uses"]
+    assert entry["params"]["objective"] == "cross_entropy" and entry["params"]["granularity"] == "block"
+    assert entry["adaptation"]["steps"] == 2 and entry["adaptation"]["coefficients"] > 2

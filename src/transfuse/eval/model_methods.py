@@ -9,6 +9,7 @@ per task (a routed method with the task id given), plus what it wants reported (
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -112,8 +113,35 @@ def _regmean_plusplus(inputs: ModelMethodInputs) -> ModelMethodOutput:
     return ModelMethodOutput(merged=merged, info={"params": {"alpha": 0.9}})
 
 
+#: aTLAS's few-shot setting in the bench: this many labeled train examples per class of each task.
+FEW_SHOT_PER_CLASS = 16
+
+
+def few_shot_examples(task: Task, per_class: int, seed: int) -> tuple[list[str], list[int]]:
+    """The first ``per_class`` examples of each class in a ``seed``-shuffled order of ``task``'s train split."""
+    train = list(task.split("train"))
+    random.Random(seed).shuffle(train)
+    taken: dict[int, int] = {}
+    chosen = []
+    for example in train:
+        if taken.get(example.label, 0) < per_class:
+            taken[example.label] = taken.get(example.label, 0) + 1
+            chosen.append(example)
+    return [e.text for e in chosen], [e.label for e in chosen]
+
+
+def _labeled_batches(
+    encoder: Encoder, task: Task, inputs: ModelMethodInputs
+) -> list[tuple[Any, torch.Tensor]]:
+    texts, labels = few_shot_examples(task, FEW_SHOT_PER_CLASS, inputs.seed)
+    tokens = encoder.tokenize(texts, inputs.max_length)
+    y = torch.tensor(labels)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(inputs.seed))
+    return [(tokens.select(i), y[i]) for i in order.split(16)]
+
+
 def _adamerging(
-    granularity: str, ties_density: float | None
+    granularity: str, ties_density: float | None, objective: str = "entropy"
 ) -> Callable[[ModelMethodInputs], ModelMethodOutput]:
     def run(inputs: ModelMethodInputs) -> ModelMethodOutput:
         from transfuse.adapt import adamerge
@@ -131,6 +159,9 @@ def _adamerging(
             seed=inputs.seed,
             device=inputs.device,
         )
+        batches: Mapping[str, Any] = adaptation.batches
+        if objective == "cross_entropy":  # few labeled train examples instead of the unlabeled test inputs
+            batches = {t.name: _labeled_batches(encoder, t, inputs) for t in inputs.tasks}
         base = {k: v for k, v in adaptation.base.items() if k in inputs.base}
         vectors = {
             t.name: {n: e[n].float() - b.float() for n, b in base.items() if b.is_floating_point()}
@@ -140,8 +171,9 @@ def _adamerging(
             base,
             vectors,
             adaptation.forward,
-            adaptation.batches,
+            batches,
             granularity=granularity,
+            objective=objective,
             init=inputs.adaptive_init,
             steps=inputs.adaptive_steps,
             ties_density=ties_density,
@@ -155,6 +187,11 @@ def _adamerging(
             "params": {
                 "granularity": granularity,
                 "init": inputs.adaptive_init,
+                **(
+                    {"objective": objective, "shots_per_class": FEW_SHOT_PER_CLASS}
+                    if objective != "entropy"
+                    else {}
+                ),
                 "steps": result.steps,
                 **({"ties_density": ties_density} if ties_density is not None else {}),
             },
@@ -230,6 +267,65 @@ def _wemoe(inputs: ModelMethodInputs) -> ModelMethodOutput:
     return ModelMethodOutput(model=Encoder(routed, encoder.tokenizer, "<wemoe>"), info=info)
 
 
+#: Twin-Merging's rank for the bench: 32 of the 384 singular values of MiniLM's 384x384 / 384x1536 matrices
+#: (the authors keep 10%: 38 of 384).
+TWIN_RANK = 32
+
+
+def _twin(inputs: ModelMethodInputs, *, rank: int = TWIN_RANK) -> ModelMethodOutput:
+    from transfuse.routed.twin import twin_merge
+    from transfuse.routed.twin_train import router_accuracy, train_twin_router
+
+    names = [t.name for t in inputs.tasks]
+    encoder = Encoder.from_state_dict(inputs.base, inputs.architecture, device=inputs.device)
+    module = encoder.model
+    # the shared expert is task arithmetic at the lambda the sweep chose on validation (0.3 when it did not run)
+    routed = twin_merge(
+        inputs.base,
+        dict(zip(names, inputs.experts)),
+        module,
+        scaling=inputs.adaptive_init,
+        rank=rank,
+        feature_mask_kwarg="attention_mask",
+        seed=inputs.seed,
+    ).to(inputs.device)
+
+    def batches(split: str, limit: int | None) -> dict[str, list[dict[str, torch.Tensor]]]:
+        out = {}
+        for task in inputs.tasks:
+            tokens = encoder.tokenize(task.texts(split)[:limit], inputs.max_length)
+            out[task.name] = [
+                {
+                    "input_ids": b.input_ids.to(inputs.device),
+                    "attention_mask": b.attention_mask.to(inputs.device),
+                }
+                for b in tokens.batches(64)
+            ]
+        return out
+
+    # the router learns each input's task on the validation splits (labels = the task), as the paper does
+    training = train_twin_router(routed, batches("validation", None), seed=inputs.seed)
+    # how often it names the right task on the test inputs the bench scores (the task is not given to the model)
+    test_accuracy, test_per_task = router_accuracy(routed, batches("test", inputs.test_examples))
+    routed.eval()
+    # what Encoder reads of its model (hidden size) when it scores the routed one
+    routed.config = module.config
+    info = {
+        "params": {"scaling": inputs.adaptive_init, "rank": rank, "router_epochs": training.epochs},
+        "router": {
+            "validation_accuracy": round(training.accuracy, 4),
+            "validation_examples": sum(training.examples.values()),
+            "test_accuracy": round(test_accuracy, 4),
+            "test_per_task_accuracy": {t: round(a, 4) for t, a in test_per_task.items()},
+            "loss_first": training.loss[0],
+            "loss_last": training.loss[-1],
+            "seconds": round(training.seconds, 1),
+        },
+        "storage": _storage_report(routed),
+    }
+    return ModelMethodOutput(model=Encoder(routed, encoder.tokenizer, "<twin>"), info=info)
+
+
 _ADA_PAPER = "Yang et al., 'AdaMerging: Adaptive Model Merging for Multi-Task Learning', ICLR 2024"
 _UNLABELED = "the unlabeled test inputs of every task (entropy minimization: test-time adaptation)"
 
@@ -247,6 +343,21 @@ MODEL_METHODS: dict[str, ModelMethod] = {
     "adamerging_task": ModelMethod(
         "adamerging_task", "test-time", _ADA_PAPER + " (task-wise)", _UNLABELED, _adamerging("task", None)
     ),
+    "adamerging_block": ModelMethod(
+        "adamerging_block",
+        "test-time",
+        _ADA_PAPER + " (block-wise coefficients, as aTLAS groups them)",
+        _UNLABELED,
+        _adamerging("block", None),
+    ),
+    "atlas": ModelMethod(
+        "atlas",
+        "needs-statistics",
+        "Zhang et al., 'Knowledge Composition using Task Vectors with Learned Anisotropic Scaling', NeurIPS 2024 "
+        "(block-wise coefficients, few-shot labeled)",
+        f"{FEW_SHOT_PER_CLASS} labeled train examples per class of every task (cross-entropy)",
+        _adamerging("block", None, "cross_entropy"),
+    ),
     "adamerging_plusplus": ModelMethod(
         "adamerging_plusplus",
         "test-time",
@@ -261,6 +372,14 @@ MODEL_METHODS: dict[str, ModelMethod] = {
         "Model Merging', arXiv:2508.03121, 2025",
         data="Gram matrices of each task's train examples, block by block through the merged model",
         run=_regmean_plusplus,
+    ),
+    "twin": ModelMethod(
+        name="twin",
+        family="routed",
+        paper="Lu et al., 'Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging', NeurIPS 2024",
+        data="the validation inputs of every task with their task (router trained to name the task; no task id "
+        "at test)",
+        run=_twin,
     ),
     "emr": ModelMethod(
         name="emr",
