@@ -7,7 +7,8 @@ The directory (written atomically: built in a hidden temporary dir beside it, th
     base.safetensors       the module's state dict (the shared weights); tied tensors once, see "aliases"
     shared.safetensors     the method's shared tensors (EMR: ``unified.<name>``, tau_uni in float32)
     task-000.safetensors   one per task, in the order of "tasks" (EMR: ``mask.<name>`` bit-packed uint8, 1 bit per
-                           entry, and ``rescaler``, one float32; WEMoE: ``tau.<name>`` and the task's router rows)
+                           entry, and ``rescaler``, one float32; WEMoE: ``tau.<name>`` and the task's router rows;
+                           Twin-Merging: ``u.<name>``/``s.<name>``/``vh.<name>`` factors and ``delta.<name>``)
     config.json            transformers models only: the config the module is rebuilt from
 
 Loading reads only JSON and safetensors (never pickle), and checks before it reads a tensor that every file the
@@ -38,13 +39,14 @@ from transfuse.routed.errors import (
     UnsupportedFormatVersionError,
 )
 from transfuse.routed.model import RoutedModel, Router
+from transfuse.routed.twin import TwinParts
 from transfuse.routed.wemoe import WEMoEParts
 
 FORMAT = "transfuse-routed"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # method name -> its parts class (each has ``from_saved``)
-PARTS_CLASSES: dict[str, Any] = {"emr": EMRParts, "wemoe": WEMoEParts}
+PARTS_CLASSES: dict[str, Any] = {"emr": EMRParts, "wemoe": WEMoEParts, "twin": TwinParts}
 
 _DTYPE_CODES = SAFETENSORS_DTYPE_CODES
 _DTYPE_NAMES = {dtype: str(dtype).removeprefix("torch.") for dtype in _DTYPE_CODES}
