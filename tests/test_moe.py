@@ -6,7 +6,7 @@ each expert's MLP lands in its slot; with every expert active and a uniform rout
 average of the experts' MLPs; router rows equal an independent re-derivation for every prompt gate mode; random
 gates are deterministic per seed; batched (padded) hidden gates equal the one-prompt-at-a-time computation;
 cheap_embed / hidden / hidden_avg agree with ``mergekit-moe`` (when installed); every documented refusal happens
-before anything is written.
+before anything is written.  Qwen2-MoE output (``architecture: qwen``): tests/test_moe_qwen.py, on these fixtures.
 """
 
 from __future__ import annotations
@@ -450,9 +450,10 @@ def _expect_refusal(recipe, out, error, match, **kwargs):
     "change, error, match",
     [
         ({"merge_method": "ties"}, RecipeError, "unknown MoE recipe key 'merge_method'"),
-        ({"shared_experts": [{"source_model": "x"}]}, RecipeError, "shared_experts"),
+        ({"shared_experts": [{"source_model": "x"}]}, RecipeError, "mergekit-moe builds a DeepSeek MoE"),
         ({"gate_mode": "learned"}, RecipeError, "gate_mode 'learned' is not supported"),
-        ({"architecture": "qwen"}, RecipeError, "architecture 'qwen' is not supported"),
+        ({"architecture": "qwen"}, RecipeError, "architecture 'qwen' .* needs exactly one shared expert"),
+        ({"architecture": "qwen3"}, RecipeError, "Qwen3 MoE outputs are not built"),
         ({"experts_per_token": 4}, RecipeError, "experts_per_token is 4 but the recipe lists only 3"),
         ({"experts_per_token": 0}, RecipeError, "experts_per_token must be a whole number >= 1"),
         ({"dtype": "int8"}, RecipeError, "dtype must be one of"),

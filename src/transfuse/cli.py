@@ -743,16 +743,23 @@ def lora_extract(
 def moe(
     recipe: Annotated[
         Path,
-        typer.Argument(help="MoE recipe (MergeKit's mergekit-moe YAML: base_model, gate_mode, experts)."),
+        typer.Argument(
+            help="MoE recipe (MergeKit's mergekit-moe YAML: base_model, gate_mode, experts; architecture: qwen "
+            "with shared_experts for Qwen2-MoE)."
+        ),
     ],
     out_dir: Annotated[
-        Path, typer.Argument(help="Output model dir (a MixtralForCausalLM: shards, config, tokenizer).")
+        Path,
+        typer.Argument(
+            help="Output model dir (a MixtralForCausalLM or Qwen2MoeForCausalLM: shards, config, tokenizer)."
+        ),
     ],
     layout: Annotated[
         str,
         typer.Option(
-            help="per_expert: block_sparse_moe.experts.N.w1/w2/w3 (what transformers saves); fused: "
-            "mlp.experts.gate_up_proj/down_proj (transformers 5's in-memory layout, as MergeKit 0.1.5 writes)."
+            help="per_expert: block_sparse_moe.experts.N.w1/w2/w3 (what transformers saves; Qwen2-MoE: "
+            "mlp.experts.N.gate_proj/up_proj/down_proj, as MergeKit writes); fused: mlp.experts.gate_up_proj/"
+            "down_proj (transformers 5's in-memory layout, as MergeKit 0.1.5 writes Mixtral)."
         ),
     ] = "per_expert",
     gate_dtype: Annotated[
@@ -780,7 +787,8 @@ def moe(
     ] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Build a Mixtral-style mixture of experts from dense Llama / Mistral fine-tunes of one base: the base's
+    """Build a Mixtral-style mixture of experts from dense Llama / Mistral fine-tunes of one base, or a Qwen2-MoE
+    (architecture: qwen, one shared expert; Llama / Mistral / Qwen2 inputs): the base's
     attention, norms and embeddings, each expert's MLP as one expert slot, routers from the recipe's gate_mode
     (MergeKit's hidden, hidden_avg, cheap_embed, random, uniform_random; transfuse's hidden_mlp; see docs/moe.md)."""
     from transfuse.moe import build_moe
@@ -809,7 +817,7 @@ def moe(
     for note in result.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     console.print(
-        f"[green]wrote[/] {result.out_dir}: MixtralForCausalLM, {result.num_layers} layers x {result.num_experts} "
+        f"[green]wrote[/] {result.out_dir}: {result.model_class}, {result.num_layers} layers x {result.num_experts} "
         f"experts ({result.experts_per_token} per token), gate_mode {result.gate_mode}, {result.layout} layout, "
         f"{result.out_dtype}, {result.bytes_written / 1e9:.2f} GB in {result.seconds:.1f} s "
         f"(gates {result.gate_seconds:.1f} s)"

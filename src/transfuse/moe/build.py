@@ -1,8 +1,10 @@
-"""``transfuse moe``: a Mixtral-style mixture of experts from dense Llama / Mistral fine-tunes of one base.
+"""``transfuse moe``: a mixture of experts from dense fine-tunes of one base: Mixtral (``architecture: mixtral``,
+the default, from Llama / Mistral) or Qwen2-MoE (``architecture: qwen`` with one shared expert, from Llama /
+Mistral / Qwen2; its layout and config are in :mod:`transfuse.moe.qwen`).
 
-What is built (``MixtralForCausalLM``): the base's embeddings, attention, norms and LM head; in every layer, expert
-``e``'s ``gate_proj`` / ``up_proj`` / ``down_proj`` become expert slot ``e`` and a router ``[E, H]`` computed by
-:mod:`transfuse.moe.gates`.  Two on-disk layouts, both loaded by transformers without missing or unexpected keys:
+What is built for Mixtral (``MixtralForCausalLM``): the base's embeddings, attention, norms and LM head; in every
+layer, expert ``e``'s ``gate_proj`` / ``up_proj`` / ``down_proj`` become expert slot ``e`` and a router ``[E, H]``
+computed by :mod:`transfuse.moe.gates`.  Two on-disk layouts, both loaded by transformers without missing or unexpected keys:
 
 - ``per_expert`` (default; what ``MixtralForCausalLM.save_pretrained`` writes, read by transformers 4.x and 5.x):
   ``model.layers.{l}.block_sparse_moe.experts.{e}.w1 / w3 / w2.weight`` (gate / up / down) and
@@ -49,6 +51,7 @@ from transfuse.moe.recipe import (
     GATE_MODES,
     HIDDEN_GATE_MODES,
     PROMPT_GATE_MODES,
+    ExpertEntry,
     MoeRecipe,
     load_moe_recipe,
 )
@@ -85,7 +88,9 @@ class OutputTensor:
     """One tensor of the MoE: its name, shape, dtype and what it is made of.
 
     ``kind``: ``copy`` (the base's ``source``), ``router`` (layer ``layer``'s gate rows), ``expert`` (expert
-    ``expert``'s ``proj`` of ``layer``), ``gate_up`` / ``down`` (every expert's, fused).
+    ``expert``'s ``proj`` of ``layer``), ``gate_up`` / ``down`` (every expert's, fused); Qwen2-MoE only:
+    ``shared`` (the shared expert's ``proj``), ``shared_router`` (its ``[1, H]`` gate row), ``zeros`` (an attention
+    bias the base lacks).
     """
 
     name: str
@@ -114,24 +119,34 @@ class MoePlan:
     tokenizer_dir: Path | None
     vocab_rows: int = 0
     notes: list[str] = field(default_factory=list)
+    shared_experts: list[Checkpoint] = field(default_factory=list)  # Qwen2-MoE: its one shared expert
 
     @property
     def num_experts(self) -> int:
         return len(self.experts)
 
+    @property
+    def model_class(self) -> str:
+        """The transformers class the output loads as (``MixtralForCausalLM`` or ``Qwen2MoeForCausalLM``)."""
+        return str(self.config["architectures"][0])
+
     def input_paths(self) -> list[str]:
         paths = [self.recipe.base_model, *(e.source_model for e in self.recipe.experts)]
+        paths += [e.source_model for e in self.recipe.shared_experts]
         if self.recipe.source is not None:
             paths.append(str(self.recipe.source))
         return [p for p in paths if Path(p).expanduser().exists()]
 
     def router_name(self, layer: int) -> str:
-        if self.layout == "fused":
+        if self.layout == "fused" or self.recipe.architecture == "qwen":
             return f"model.layers.{layer}.mlp.gate.weight"
         return f"model.layers.{layer}.block_sparse_moe.gate.weight"
 
+    def shared_router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.shared_expert_gate.weight"
+
     def close(self) -> None:
-        for ckpt in [*self.experts, self.base]:
+        for ckpt in [*self.shared_experts, *self.experts, self.base]:
             ckpt.close()
 
     def __enter__(self) -> MoePlan:
@@ -158,6 +173,8 @@ class MoeResult:
     gate_seconds: float
     seconds: float
     notes: list[str] = field(default_factory=list)
+    model_class: str = "MixtralForCausalLM"  # or Qwen2MoeForCausalLM
+    shared_gates: torch.Tensor | None = None  # Qwen2-MoE: [L, 1, H] float32 shared_expert_gate rows
 
 
 def validate_moe_options(layout: str, gate_dtype: str) -> None:
@@ -194,44 +211,65 @@ def plan_moe(
         )
     base = open_checkpoint(recipe.base_model)
     experts: list[Checkpoint] = []
+    shared: list[Checkpoint] = []
     try:
         for entry in recipe.experts:
             experts.append(open_checkpoint(entry.source_model, lora_base=base))
-        return _check_and_plan(recipe, base, experts, layout)
+        for entry in recipe.shared_experts:
+            shared.append(open_checkpoint(entry.source_model, lora_base=base))
+        return _check_and_plan(recipe, base, experts, layout, shared)
     except BaseException:
-        for ckpt in [*experts, base]:
+        for ckpt in [*shared, *experts, base]:
             ckpt.close()
         raise
 
 
-def _check_and_plan(recipe: MoeRecipe, base: Checkpoint, experts: list[Checkpoint], layout: str) -> MoePlan:
+def _check_and_plan(
+    recipe: MoeRecipe,
+    base: Checkpoint,
+    experts: list[Checkpoint],
+    layout: str,
+    shared: list[Checkpoint] | None = None,
+) -> MoePlan:
     notes: list[str] = []
+    shared = shared or []
+    qwen = recipe.architecture == "qwen"
+    if qwen:
+        from transfuse.moe import qwen as qwen_lib
+
+        source_types, output = qwen_lib.SOURCE_MODEL_TYPES, "Qwen2-MoE"
+    else:
+        source_types, output = SOURCE_MODEL_TYPES, "Mixtral MoE"
     base_config = _model_config(base, "base_model")
     model_type = base_config.get("model_type")
-    if model_type not in SOURCE_MODEL_TYPES:
+    if model_type not in source_types:
         raise ConfigError(
-            f"the base {base.source} is a {model_type!r} model; a Mixtral MoE is built from Llama or Mistral "
-            f"models ({', '.join(SOURCE_MODEL_TYPES)})"
+            f"the base {base.source} is a {model_type!r} model; a {output} is built from "
+            f"{', '.join(source_types)} models"
+            + ("" if qwen else " (architecture: qwen with a shared expert also takes qwen2 models)")
         )
     for key, allowed in LLAMA_ONLY.items():
         if base_config.get(key, allowed) != allowed:
             raise ConfigError(
-                f"the base {base.source} has {key}={base_config[key]!r}; Mixtral's layers have no biases, so this "
-                "model cannot become a Mixtral MoE"
+                f"the base {base.source} has {key}={base_config[key]!r}; a {output} has no place for those biases "
+                f"(o_proj / MLP biases), so this model cannot become a {output}"
             )
-    for i, (entry, ckpt) in enumerate(zip(recipe.experts, experts)):
+    # (where, entry, checkpoint) of every model whose MLPs the MoE takes: the experts, then the shared expert
+    sources = [(f"experts[{i}]", e, c) for i, (e, c) in enumerate(zip(recipe.experts, experts))]
+    sources += [(f"shared_experts[{i}]", e, c) for i, (e, c) in enumerate(zip(recipe.shared_experts, shared))]
+    for where, entry, ckpt in sources:
         if ckpt.config_dir is None or not (ckpt.config_dir / "config.json").is_file():
             continue  # a bare weights file or an adapter: its tensors are checked below
-        config = _model_config(ckpt, f"experts[{i}]")
+        config = _model_config(ckpt, where)
         if config.get("model_type") != model_type:
             raise NotSameBaseError(
-                f"experts[{i}] {entry.source_model} is a {config.get('model_type')!r} model but the base "
+                f"{where} {entry.source_model} is a {config.get('model_type')!r} model but the base "
                 f"{base.source} is {model_type!r}: every expert must have the base's architecture"
             )
         for key in SHAPE_KEYS:
             if key in base_config and config.get(key, base_config[key]) != base_config[key]:
                 raise ShapeMismatchError(
-                    f"experts[{i}] {entry.source_model} has {key}={config.get(key)} but the base has "
+                    f"{where} {entry.source_model} has {key}={config.get(key)} but the base has "
                     f"{base_config[key]}: every expert must have the base's shape"
                 )
 
@@ -259,12 +297,12 @@ def _check_and_plan(recipe: MoeRecipe, base: Checkpoint, experts: list[Checkpoin
             skipped.append(name)
         elif ".mlp." in name:
             raise ConfigError(
-                f"the base {base.source} has {name!r}, which a Mixtral expert has no place for (MLP biases or a "
-                "non-Llama MLP); it cannot become a Mixtral MoE"
+                f"the base {base.source} has {name!r}, which a {output} expert has no place for (MLP biases or a "
+                f"non-Llama MLP); it cannot become a {output}"
             )
     if skipped:
         notes.append(
-            f"{len(skipped)} rotary inv_freq buffer(s) of the base not written (Mixtral computes them)"
+            f"{len(skipped)} rotary inv_freq buffer(s) of the base not written (the MoE computes them)"
         )
     for layer in range(num_layers):
         for proj in MLP_PROJECTIONS:
@@ -281,35 +319,43 @@ def _check_and_plan(recipe: MoeRecipe, base: Checkpoint, experts: list[Checkpoin
             f"the base {base.source} has tensors of layer {beyond[0]} but its config says {num_layers} layers"
         )
 
-    for i, (entry, ckpt) in enumerate(zip(recipe.experts, experts)):
+    order = {name: i for i, name in enumerate(base_names)}
+    for where, entry, ckpt in sources:
         names = set(ckpt.names())
-        shared = base_set & names
-        if len(shared) * 2 < len(base_set):
+        common = base_set & names
+        if len(common) * 2 < len(base_set):
             raise NotSameBaseError(
-                f"experts[{i}] {entry.source_model} shares only {len(shared)} of the base's {len(base_set)} tensor "
+                f"{where} {entry.source_model} shares only {len(common)} of the base's {len(base_set)} tensor "
                 "names: it is not a fine-tune of that base (nor of its architecture)"
             )
-        for name in sorted(shared, key=base_names.index):
+        for name in sorted(common, key=order.__getitem__):
             b, x = infos[name], ckpt.info(name)
             if tuple(b.shape) != tuple(x.shape):
                 raise ShapeMismatchError(
-                    f"{name} is {tuple(x.shape)} in experts[{i}] {entry.source_model} but {tuple(b.shape)} in the "
+                    f"{name} is {tuple(x.shape)} in {where} {entry.source_model} but {tuple(b.shape)} in the "
                     "base: every expert must have the base's shapes"
                 )
         for name in mlp.values():
             if name not in names:
                 raise MissingTensorError(
-                    f"experts[{i}] {entry.source_model} has no {name!r}; each expert gives its MLP to every layer"
+                    f"{where} {entry.source_model} has no {name!r}; each expert gives its MLP to every layer"
                 )
             if not ckpt.info(name).dtype.is_floating_point:
-                raise DtypeMismatchError(f"{name} of experts[{i}] {entry.source_model} is not floating point")
+                raise DtypeMismatchError(f"{name} of {where} {entry.source_model} is not floating point")
 
     out_dtype = _output_dtype(recipe, base_config, infos[embed].dtype)
-    config = mixtral_config(base_config, len(experts), recipe.experts_per_token, out_dtype)
-    tensors = _output_tensors(
-        base_names, infos, mlp, skipped, num_layers, len(experts), hidden, out_dtype, layout
-    )
-    _check_against_transformers(config, tensors, layout)
+    if qwen:
+        config = qwen_lib.qwen2_moe_config(base_config, len(experts), recipe.experts_per_token, out_dtype)
+        tensors = qwen_lib.qwen_output_tensors(
+            base_config, base_names, infos, mlp, skipped, len(experts), hidden, out_dtype, layout
+        )
+        qwen_lib.check_loads_as_qwen2_moe(config, tensors)
+    else:
+        config = mixtral_config(base_config, len(experts), recipe.experts_per_token, out_dtype)
+        tensors = _output_tensors(
+            base_names, infos, mlp, skipped, num_layers, len(experts), hidden, out_dtype, layout
+        )
+        _check_against_transformers(config, tensors, layout)
 
     tokenizer_dir = (
         base.config_dir if base.config_dir is not None and _has_tokenizer(base.config_dir) else None
@@ -330,8 +376,22 @@ def _check_and_plan(recipe: MoeRecipe, base: Checkpoint, experts: list[Checkpoin
             "gate_mode hidden_mlp is transfuse's (each layer's MLP input, mean over tokens): mergekit-moe does not "
             "accept this recipe; gate_mode hidden is MergeKit's"
         )
-    if base_config.get("sliding_window") is not None:
+    # Qwen2 configs carry a sliding_window that only use_sliding_window switches on; Mistral's is on when set.
+    slides = base_config.get("sliding_window") is not None and base_config.get(
+        "use_sliding_window", model_type != "qwen2"
+    )
+    if slides and not qwen:
         notes.append(f"the base's sliding_window {base_config['sliding_window']} is kept (MergeKit drops it)")
+    elif slides:
+        notes.append(
+            f"the base's sliding_window {base_config['sliding_window']} is dropped, as MergeKit does: Qwen2-MoE's "
+            "config cannot slide every layer; inputs longer than the window attend to all tokens"
+        )
+    if qwen and recipe.gate_mode == "uniform_random" and not recipe.shared_experts[0].positive_prompts:
+        notes.append(
+            "shared_experts[0] has no prompts: mergekit-moe refuses this recipe for gate_mode uniform_random "
+            "(it accepts it for random); transfuse gives its gate a uniform random row"
+        )
     plan = MoePlan(
         recipe=recipe,
         base=base,
@@ -345,6 +405,7 @@ def _check_and_plan(recipe: MoeRecipe, base: Checkpoint, experts: list[Checkpoin
         tokenizer_dir=tokenizer_dir,
         vocab_rows=vocab_rows,
         notes=notes,
+        shared_experts=shared,
     )
     return plan
 
@@ -545,7 +606,9 @@ def _in_state_dict_naming(
 def compute_gates(
     plan: MoePlan, *, gate_dtype: str = "float32", notes: list[str] | None = None
 ) -> torch.Tensor:
-    """``[L, E, H]`` float32 router rows for the plan's gate mode (see :mod:`transfuse.moe.gates`).
+    """``[L, E + S, H]`` float32 gate rows for the plan's gate mode (see :mod:`transfuse.moe.gates`): the ``E``
+    experts' router rows, then (Qwen2-MoE, ``S = 1``) the shared expert's ``shared_expert_gate`` row, computed
+    from its prompts as one more expert's row (as MergeKit does).
 
     ``notes``, when given, gets what the user should know about the rows (hidden_avg prompts of unequal length,
     where MergeKit's mean would also count its padding)."""
@@ -553,10 +616,18 @@ def compute_gates(
     mode = recipe.gate_mode
     if mode not in GATE_MODES:  # pragma: no cover - the recipe refuses it
         raise RecipeError(f"gate_mode {mode!r} is not supported")
+    entries = [*recipe.experts, *recipe.shared_experts]
     if mode in ("random", "uniform_random"):
-        return gate_lib.random_gates(
+        # each tensor from its own name's generator: the router rows do not depend on the shared expert
+        rows = gate_lib.random_gates(
             mode, plan.num_layers, plan.num_experts, plan.hidden_size, recipe.seed, plan.router_name
         )
+        if recipe.shared_experts:
+            shared = gate_lib.random_gates(
+                mode, plan.num_layers, 1, plan.hidden_size, recipe.seed, plan.shared_router_name
+            )
+            rows = torch.cat([rows, shared], dim=1)
+        return rows
     from transformers import AutoTokenizer
 
     try:
@@ -569,7 +640,7 @@ def compute_gates(
             gate_lib.tokenize_prompts(tokenizer, e.positive_prompts, rows),
             gate_lib.tokenize_prompts(tokenizer, e.negative_prompts, rows),
         )
-        for e in recipe.experts
+        for e in entries
     ]
     if mode == "cheap_embed":
         embed = plan.base.tensor("model.embed_tokens.weight")
@@ -577,9 +648,11 @@ def compute_gates(
         _release(plan.base, "model.embed_tokens.weight")
         return gates
     if mode == "hidden_avg" and notes is not None:
+        names = [f"experts[{i}]" for i in range(len(recipe.experts))]
+        names += [f"shared_experts[{i}]" for i in range(len(recipe.shared_experts))]
         uneven = [
-            f"experts[{i}]"
-            for i, (positive, negative) in enumerate(tokenized)
+            name
+            for name, (positive, negative) in zip(names, tokenized)
             if len({len(ids) for ids in positive}) > 1 or len({len(ids) for ids in negative}) > 1
         ]
         if uneven:
@@ -619,10 +692,12 @@ def build_moe(
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> MoeResult:
-    """Build a Mixtral MoE from a ``mergekit-moe`` recipe into ``out_dir``; return what was written.
+    """Build a MoE from a ``mergekit-moe`` recipe into ``out_dir``; return what was written.
 
-    ``layout``: ``"per_expert"`` (default: ``block_sparse_moe.experts.{e}.w1/w2/w3``, what transformers saves) or
-    ``"fused"`` (``mlp.experts.gate_up_proj`` / ``down_proj``).  ``gate_dtype``: the dtype the base runs in for
+    The recipe's ``architecture`` picks the output: Mixtral (default) or Qwen2-MoE (``qwen``, one shared expert).
+    ``layout``: ``"per_expert"`` (default: Mixtral ``block_sparse_moe.experts.{e}.w1/w2/w3``, what transformers
+    saves; Qwen2-MoE ``mlp.experts.{e}.gate_proj/up_proj/down_proj``, what MergeKit writes) or ``"fused"``
+    (``mlp.experts.gate_up_proj`` / ``down_proj``, transformers >= 5).  ``gate_dtype``: the dtype the base runs in for
     the ``hidden*`` gates (float32 default).  ``seed`` overrides the recipe's (random gates, ``noise_scale``).
     ``allow_all_same``: build even when every expert is the same model.  Everything is checked before the gates
     are computed; the output is written into a temporary dir beside ``out_dir`` and moved into place when complete.
@@ -639,9 +714,11 @@ def build_moe(
         )
         gate_started = time.perf_counter()
         notes = list(plan.notes)
-        gates = compute_gates(plan, gate_dtype=gate_dtype, notes=notes)
+        all_rows = compute_gates(plan, gate_dtype=gate_dtype, notes=notes)
         gate_seconds = time.perf_counter() - gate_started
-        if not bool(torch.isfinite(gates).all()):
+        gates = all_rows[:, : plan.num_experts]
+        shared_gates = all_rows[:, plan.num_experts :] if plan.shared_experts else None
+        if not bool(torch.isfinite(all_rows).all()):
             raise NonFiniteOutputError(
                 "the router rows hold inf/NaN (the base's activations on the prompts overflowed); nothing was "
                 "written: try gate_dtype float32 or other prompts"
@@ -661,7 +738,7 @@ def build_moe(
             writer.expect([(t.name, t.shape, t.dtype) for t in plan.tensors])
             bar = _progress_bar(len(plan.tensors)) if progress else None
             try:
-                for t, tensor in _stream(plan, gates):
+                for t, tensor in _stream(plan, gates, shared_gates):
                     writer.add(t.name, tensor)
                     written += 1
                     if bar is not None:
@@ -691,10 +768,14 @@ def build_moe(
             gate_seconds=gate_seconds,
             seconds=time.perf_counter() - started,
             notes=notes,
+            model_class=plan.model_class,
+            shared_gates=shared_gates,
         )
 
 
-def _stream(plan: MoePlan, gates: torch.Tensor) -> Iterator[tuple[OutputTensor, torch.Tensor]]:
+def _stream(
+    plan: MoePlan, gates: torch.Tensor, shared_gates: torch.Tensor | None = None
+) -> Iterator[tuple[OutputTensor, torch.Tensor]]:
     """Each output tensor in the declared order, read from the memory maps as it is needed."""
     for t in plan.tensors:
         if t.kind == "copy":
@@ -708,6 +789,22 @@ def _stream(plan: MoePlan, gates: torch.Tensor) -> Iterator[tuple[OutputTensor, 
         elif t.kind == "expert":
             yield t, _expert_tensor(plan, t.expert, t.layer, t.proj).to(t.dtype)
             _release(plan.experts[t.expert], t.source)
+        elif t.kind == "shared":
+            tensor = _mlp_tensor(
+                plan.shared_experts[t.expert],
+                plan.recipe.shared_experts[t.expert],
+                f"shared_experts[{t.expert}]",
+                plan.recipe.seed,
+                t.layer,
+                t.proj,
+            )
+            yield t, tensor.to(t.dtype)
+            _release(plan.shared_experts[t.expert], t.source)
+        elif t.kind == "shared_router":
+            assert shared_gates is not None
+            yield t, shared_gates[t.layer].to(t.dtype).contiguous()
+        elif t.kind == "zeros":
+            yield t, torch.zeros(t.shape, dtype=t.dtype)
         else:
             fused = torch.empty(t.shape, dtype=t.dtype)
             projs = ("gate_proj", "up_proj") if t.kind == "gate_up" else ("down_proj",)
@@ -722,17 +819,25 @@ def _stream(plan: MoePlan, gates: torch.Tensor) -> Iterator[tuple[OutputTensor, 
 
 
 def _expert_tensor(plan: MoePlan, expert: int, layer: int, proj: str) -> torch.Tensor:
-    """Expert ``expert``'s ``proj`` of ``layer``, with its recipe's ``noise_scale`` (seeded gaussian noise) and
-    ``residual_scale`` (down_proj only) applied in float32."""
-    entry = plan.recipe.experts[expert]
+    """Expert ``expert``'s ``proj`` of ``layer`` (see :func:`_mlp_tensor`)."""
+    return _mlp_tensor(
+        plan.experts[expert], plan.recipe.experts[expert], f"experts[{expert}]", plan.recipe.seed, layer, proj
+    )
+
+
+def _mlp_tensor(
+    ckpt: Checkpoint, entry: ExpertEntry, where: str, seed: int, layer: int, proj: str
+) -> torch.Tensor:
+    """``proj`` of ``layer`` from one expert's checkpoint, with its recipe entry's ``noise_scale`` (gaussian noise
+    seeded by ``where`` and the tensor name) and ``residual_scale`` (down_proj only) applied in float32."""
     name = f"model.layers.{layer}.mlp.{proj}.weight"
-    tensor = plan.experts[expert].tensor(name)
+    tensor = ckpt.tensor(name)
     scale = entry.residual_scale if proj == "down_proj" else None
     if not entry.noise_scale and scale is None:
         return tensor
     value = tensor.float()
     if entry.noise_scale:
-        gen = gate_lib.seeded_generator(plan.recipe.seed, f"experts[{expert}]:{name}")
+        gen = gate_lib.seeded_generator(seed, f"{where}:{name}")
         value = value + torch.randn(value.shape, generator=gen) * entry.noise_scale
     if scale is not None:
         value = value * scale

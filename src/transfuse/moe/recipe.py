@@ -3,7 +3,8 @@
 Accepted keys (MergeKit's spelling)::
 
     base_model: PATH                 # attention, norms, embeddings and LM head come from here
-    architecture: mixtral            # optional; the only output kind built (Mixtral)
+    architecture: mixtral            # optional: mixtral (MixtralForCausalLM) or qwen (Qwen2MoeForCausalLM, needs
+                                     # shared_experts); MergeKit's prefix match on its output names
     gate_mode: hidden                # hidden | hidden_avg | cheap_embed | random | uniform_random (MergeKit's),
                                      # hidden_mlp (transfuse's); hidden_last = hidden (MergeKit's synonym)
     dtype: bfloat16                  # output dtype (default: the base's)
@@ -16,8 +17,16 @@ Accepted keys (MergeKit's spelling)::
         negative_prompts: [...]      # optional
         noise_scale: 0.01            # optional: gaussian noise added to this expert's MLP weights
         residual_scale: 1.0          # optional: scales this expert's down_proj
+    shared_experts:                  # Qwen2-MoE only: exactly one always-on expert, the same keys as an expert;
+      - source_model: PATH           # its prompts give the sigmoid gate `shared_expert_gate` of every layer
+        positive_prompts: [...]      # needed by every gate mode but random / uniform_random
 
-``shared_experts`` (Qwen2-MoE / DeepSeek-MoE output) and every other key are refused by name.
+The output architecture is chosen as ``mergekit-moe`` chooses it (``select_output_arch``): the outputs whose
+MergeKit name (``Mixtral``, ``DeepSeek MoE``, ``Qwen MoE``, ``Qwen3 MoE``) starts with ``architecture``
+(case-insensitive; all when absent), then the first that takes the recipe: Mixtral without shared experts, else
+DeepSeek MoE for one shared expert without prompts, else Qwen MoE for exactly one shared expert.  transfuse builds
+Mixtral and Qwen MoE (Qwen2-MoE); a recipe MergeKit would turn into DeepSeek MoE or Qwen3 MoE is refused by name,
+as is every other key.
 """
 
 from __future__ import annotations
@@ -48,7 +57,10 @@ GATE_MODES = {
 }
 HIDDEN_GATE_MODES = ("hidden", "hidden_last", "hidden_avg", "hidden_mlp")  # these run the base
 PROMPT_GATE_MODES = (*HIDDEN_GATE_MODES, "cheap_embed")
-ARCHITECTURES = ("mixtral",)
+ARCHITECTURES = ("mixtral", "qwen")  # what transfuse builds: MixtralForCausalLM, Qwen2MoeForCausalLM
+# MergeKit 0.1.5's output architectures, lower-cased names in its candidate order (mergekit/moe/__init__.py), and
+# what transfuse builds for each (None: refused by name).
+MERGEKIT_OUTPUTS = {"mixtral": "mixtral", "deepseek moe": None, "qwen moe": "qwen", "qwen3 moe": None}
 
 TOP_LEVEL_KEYS = {
     "base_model",
@@ -84,8 +96,9 @@ class MoeRecipe:
     gate_mode: str = "hidden"
     dtype: str | None = None
     experts_per_token: int = 2
-    architecture: str = "mixtral"
+    architecture: str = "mixtral"  # "mixtral" or "qwen" (Qwen2-MoE)
     seed: int = 0
+    shared_experts: list[ExpertEntry] = field(default_factory=list)  # Qwen2-MoE: exactly one
     source: Path | None = field(default=None, compare=False)  # the recipe file, when read from one
 
     @classmethod
@@ -106,11 +119,6 @@ class MoeRecipe:
                 raise RecipeError(
                     f"unknown MoE recipe key {key!r}; allowed keys: {', '.join(sorted(TOP_LEVEL_KEYS))}"
                 )
-        if data.get("shared_experts"):
-            raise RecipeError(
-                "MoE recipe key 'shared_experts' (Qwen2-MoE / DeepSeek-MoE output with always-on experts) is not "
-                "supported yet: transfuse builds Mixtral-style MoEs only; remove shared_experts"
-            )
 
         def resolve(p: Any, what: str) -> str:
             if not isinstance(p, str) or not p:
@@ -124,17 +132,6 @@ class MoeRecipe:
                 "the MoE recipe has no `base_model` (attention, norms and embeddings come from it)"
             )
         base = resolve(data["base_model"], "base_model")
-
-        architecture = data.get("architecture")
-        if architecture is None:
-            architecture = "mixtral"
-        if not isinstance(architecture, str) or not any(
-            a.startswith(architecture.lower()) for a in ARCHITECTURES
-        ):
-            raise RecipeError(
-                f"MoE output architecture {architecture!r} is not supported; transfuse builds: "
-                f"{', '.join(ARCHITECTURES)} (MergeKit's 'qwen', 'deepseek' and 'qwen3' outputs are not)"
-            )
 
         gate_mode = data.get("gate_mode", "hidden")
         if gate_mode not in GATE_MODES:
@@ -164,6 +161,15 @@ class MoeRecipe:
                 "`experts` must be a non-empty list of {source_model: PATH, positive_prompts: [...]}"
             )
         experts = [_parse_expert(e, i, resolve) for i, e in enumerate(raw_experts)]
+        raw_shared = data.get("shared_experts")
+        if raw_shared is not None and not isinstance(raw_shared, list):
+            raise RecipeError(
+                "`shared_experts` must be a list of {source_model: PATH, positive_prompts: [...]} (one for Qwen2-MoE)"
+            )
+        shared = [
+            _parse_expert(e, i, resolve, where="shared_experts") for i, e in enumerate(raw_shared or [])
+        ]
+        architecture = select_architecture(data.get("architecture"), shared)
 
         k = data.get("experts_per_token", 2)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -179,8 +185,9 @@ class MoeRecipe:
             gate_mode=gate_mode,
             dtype=dtype,
             experts_per_token=k,
-            architecture="mixtral",
+            architecture=architecture,
             seed=seed,
+            shared_experts=shared,
         )
         recipe.check_prompts()
         return recipe
@@ -194,6 +201,13 @@ class MoeRecipe:
                 raise RecipeError(
                     f"experts[{i}] ({expert.source_model}) has no positive_prompts; gate_mode {self.gate_mode!r} "
                     "computes its router row from them (or use gate_mode: random)"
+                )
+        for i, expert in enumerate(self.shared_experts):
+            if not expert.positive_prompts:
+                raise RecipeError(
+                    f"shared_experts[{i}] ({expert.source_model}) has no positive_prompts; gate_mode "
+                    f"{self.gate_mode!r} computes its shared_expert_gate row from them (MergeKit's qwen output "
+                    "needs them too), or use gate_mode: random"
                 )
         first = (self.experts[0].positive_prompts, self.experts[0].negative_prompts)
         if len(self.experts) > 1 and all(
@@ -229,6 +243,8 @@ class MoeRecipe:
         data["experts_per_token"] = self.experts_per_token
         data["seed"] = self.seed
         data["experts"] = [expert(e) for e in self.experts]
+        if self.shared_experts:
+            data["shared_experts"] = [expert(e) for e in self.shared_experts]
         return data
 
     def to_yaml(self) -> str:
@@ -237,8 +253,55 @@ class MoeRecipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
 
-def _parse_expert(entry: Any, i: int, resolve: Any) -> ExpertEntry:
-    where = f"experts[{i}]"
+def select_architecture(architecture: Any, shared: list[ExpertEntry]) -> str:
+    """The output ``mergekit-moe`` would build for this recipe, as transfuse names it (``mixtral`` / ``qwen``).
+
+    MergeKit keeps the outputs whose name starts with ``architecture`` (all when it is absent or empty), then takes
+    Mixtral if it accepts the recipe (no shared experts), else the first of the rest that does (DeepSeek MoE: at
+    most one shared expert, without prompts; Qwen MoE: exactly one; Qwen3 MoE: none, Qwen3 inputs).  The input
+    models' types (checked when the models are opened) can only rule an output out, never pick another."""
+    if architecture is not None and not isinstance(architecture, str):
+        raise RecipeError(f"architecture must be a string such as 'mixtral' or 'qwen', got {architecture!r}")
+    prefix = (architecture or "").lower()
+    candidates = [name for name in MERGEKIT_OUTPUTS if name.startswith(prefix)]
+    if not candidates:
+        raise RecipeError(
+            f"MoE output architecture {architecture!r} matches none of MergeKit's outputs (Mixtral, DeepSeek MoE, "
+            "Qwen MoE, Qwen3 MoE); transfuse builds 'mixtral' and 'qwen' (Qwen2-MoE)"
+        )
+    if not shared:
+        if "mixtral" in candidates:
+            return "mixtral"
+        if "qwen moe" in candidates:
+            raise RecipeError(
+                f"architecture {architecture!r} (Qwen2-MoE) needs exactly one shared expert: add shared_experts: "
+                "[{source_model: PATH, positive_prompts: [...]}] (MergeKit's qwen output takes exactly one)"
+            )
+        raise RecipeError(
+            f"MoE output architecture {architecture!r} is not supported: MergeKit's DeepSeek MoE and Qwen3 MoE "
+            "outputs are not built by transfuse; use architecture: mixtral, or qwen with one shared expert"
+        )
+    if len(shared) != 1:
+        raise RecipeError(
+            f"the recipe lists {len(shared)} shared_experts; a Qwen2-MoE has exactly one shared expert (MergeKit's "
+            "qwen and deepseek outputs take at most one): keep one"
+        )
+    if "qwen moe" not in candidates:
+        raise RecipeError(
+            f"architecture {architecture!r} has no shared expert (Mixtral) or is not built by transfuse (DeepSeek "
+            "MoE, Qwen3 MoE); for a MoE with shared_experts use architecture: qwen (Qwen2-MoE)"
+        )
+    if "deepseek moe" in candidates and not (shared[0].positive_prompts or shared[0].negative_prompts):
+        raise RecipeError(
+            "shared_experts[0] has no prompts and the recipe names no architecture: mergekit-moe builds a DeepSeek "
+            "MoE (an ungated shared expert) from this recipe, which transfuse does not; set architecture: qwen "
+            "for a Qwen2-MoE (its shared expert has a gate, from positive_prompts unless gate_mode: random)"
+        )
+    return "qwen"
+
+
+def _parse_expert(entry: Any, i: int, resolve: Any, where: str = "experts") -> ExpertEntry:
+    where = f"{where}[{i}]"
     if not isinstance(entry, dict):
         raise RecipeError(f"{where} must be a mapping {{source_model: PATH, positive_prompts: [...]}}")
     for key in entry:
